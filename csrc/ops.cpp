@@ -1,0 +1,49 @@
+// Every operator schema of nnopt._C, in one place. Device files register implementations with
+// TORCH_LIBRARY_IMPL(nnopt, CPU|CUDA, m); nnopt/_ext.py registers the fake (meta) kernels for torch.compile.
+//
+// Fused optimizer steps (family: fused_optim). Conventions shared by all four:
+// - Tensor lists are parallel: index i of every non-empty list describes the same parameter. An optional
+//   list (momentum buffers, max_exp_avg_sqs, masters, masks, ...) is either empty or as long as params.
+// - Every tensor is contiguous; all are on one device; params and grads share one floating dtype; states
+//   are float32 when masters are given (bf16/fp16 params with an fp32 master copy), else the params' dtype.
+//   masks are bool. Math runs in float32 (float64 for float64 params).
+// - lr_tensor (one element, float32, same device) replaces lr when given, read inside the kernel.
+// - grad_scale (one element): grads are divided by it. found_inf (one element): when nonzero the step
+//   changes nothing. Neither is read on the host.
+// - After the update: the L1 proximal step p <- sign(p) * max(|p| - lr*l1, 0) when l1 > 0, then masked
+//   entries (mask == false) of the parameter, the master and every state are set to exactly 0; the
+//   gradient of a masked entry counts as 0.
+#include <torch/library.h>
+
+TORCH_LIBRARY(nnopt, m) {
+  m.def(
+      "sgd_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] momentum_buffers, Tensor(c!)[] masters, "
+      "Tensor[] masks, *, float lr, float momentum, float dampening, bool nesterov, float weight_decay, "
+      "bool maximize, float l1, bool first_step, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] masks, *, float lr, float beta1, "
+      "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, float l1, "
+      "float bias_correction1, float bias_correction2_sqrt, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None) -> ()");
+  m.def(
+      "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] masters, "
+      "Tensor[] masks, *, float lr, float weight_decay, float eps, bool maximize, float l1, "
+      "float lr_decay_denom, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
+      "Tensor(c!)[] momentum_buffers, Tensor(d!)[] grad_avgs, Tensor(e!)[] masters, Tensor[] masks, *, "
+      "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, "
+      "float l1, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+}
+
+// `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.
+#include <Python.h>
+
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}

@@ -1,0 +1,66 @@
+"""nnopt.optim.Adam and AdamW: torch.optim's arguments and math, fused into one kernel call per group."""
+
+import torch
+
+from nnopt.optim._fused import FusedOptimizer, _as_float, bias_corrections, check_nonneg
+
+
+class Adam(FusedOptimizer):
+    """Adam (and, with ``decoupled_weight_decay=True``, AdamW), as ``torch.optim.Adam``.
+
+    Extra arguments: ``backend=``, ``master_weights=`` (fp32 master copies of bf16/fp16 parameters; states
+    are then fp32) and ``l1=`` (proximal L1 after the update). State per parameter, as in torch: ``step``
+    (CPU float32 tensor), ``exp_avg``, ``exp_avg_sq``, ``max_exp_avg_sq`` (amsgrad); plus ``master_param``.
+    """
+
+    _op = "adam_step"
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
+                 foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
+                 decoupled_weight_decay=False, backend=None, master_weights=False, l1=0.0):
+        check_nonneg(lr, "learning rate")
+        check_nonneg(eps, "epsilon value")
+        for i, beta in enumerate(betas):
+            b = _as_float(beta)
+            if not 0.0 <= b < 1.0:
+                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+        check_nonneg(weight_decay, "weight_decay value")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
+                        maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
+                         differentiable=differentiable, capturable=capturable)
+
+    def _group_defaults(self):
+        return dict(super()._group_defaults(), amsgrad=False, decoupled_weight_decay=False)
+
+    def _init_state(self, p, group, state):
+        dtype = torch.float32 if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if group["amsgrad"]:
+            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _state_lists(self, group):
+        return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
+
+    def _hyper(self, group, step, extra):
+        beta1, beta2 = (_as_float(b) for b in group["betas"])
+        bc1, bc2_sqrt = bias_corrections(beta1, beta2, step)
+        return dict(beta1=beta1, beta2=beta2, eps=float(group["eps"]), weight_decay=float(group["weight_decay"]),
+                    decoupled=bool(group["decoupled_weight_decay"]), amsgrad=bool(group["amsgrad"]),
+                    maximize=bool(group["maximize"]), bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt)
+
+
+class AdamW(Adam):
+    """AdamW: Adam with decoupled weight decay (default 1e-2), as ``torch.optim.AdamW``."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
+                 maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
+                 master_weights=False, l1=0.0):
+        super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
+                         capturable=capturable, differentiable=differentiable, fused=fused,
+                         decoupled_weight_decay=True, backend=backend, master_weights=master_weights, l1=l1)
+
+    def _group_defaults(self):
+        return dict(super()._group_defaults(), decoupled_weight_decay=True)

@@ -1,0 +1,1 @@
+"""Plain-PyTorch references: the test oracle, the benchmark baseline and the `torch` backend."""

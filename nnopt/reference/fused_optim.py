@@ -1,0 +1,162 @@
+"""Reference optimizer steps in plain PyTorch: the oracle every backend is tested against, and the `torch` backend.
+
+Each function updates its lists in place and follows torch.optim's single-tensor (for-loop) path op for op, so
+float32 results agree with torch.optim to rounding. The signatures are the contract every backend implements
+(see csrc/ops.cpp for the conventions: parallel lists, empty optional lists, masks, L1, grad_scale/found_inf).
+
+Math, per element, with g the gradient (divided by grad_scale; negated when maximize; 0 where masked),
+p the parameter (its fp32 master copy when masters are given) and lr the learning rate:
+
+SGD      g += wd*p; if momentum: buf = g (first step) or momentum*buf + (1-dampening)*g;
+         g = g + momentum*buf (nesterov) or buf;  p += -lr*g
+Adam     if wd: p *= 1 - lr*wd (decoupled, AdamW) or g += wd*p;  m = lerp(m, g, 1-beta1);
+         v = v*beta2 + (1-beta2)*g*g;  vmax = max(vmax, v) (amsgrad);
+         p += -(lr/bc1) * m / (sqrt(v or vmax)/bc2_sqrt + eps)
+Adagrad  g += wd*p;  s += g*g;  p += -(lr/lr_decay_denom) * g / (sqrt(s) + eps)
+RMSprop  g += wd*p;  v = v*alpha + (1-alpha)*g*g;  ga = lerp(ga, g, 1-alpha) (centered);
+         avg = sqrt(v - ga*ga (centered) or v) + eps;
+         buf = buf*momentum + g/avg; p += -lr*buf (momentum > 0)  or  p += -lr * g/avg
+then     p = sign(p) * max(|p| - lr*l1, 0) (l1 > 0); masked entries of p, master and states = 0.
+
+Shapes: any; dtypes: params/grads float32, float64, bfloat16 or float16; states float32 when masters are
+given, else the params' dtype; masks bool.
+"""
+
+import torch
+
+
+def _lr(lr, lr_tensor):
+    return lr if lr_tensor is None else lr_tensor.reshape(()).to(torch.float64).item()
+
+
+def _skip(found_inf):
+    return found_inf is not None and bool(found_inf.reshape(()).item() != 0)
+
+
+def _compute_dtype(t):
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _prologue(i, params, grads, masters, masks, grad_scale, maximize):
+    """Returns (p, g, mask) in the compute dtype for parameter i."""
+    p = masters[i] if masters else params[i]
+    cd = _compute_dtype(params[i])
+    p = p.to(cd)
+    g = grads[i].to(cd)
+    if grad_scale is not None:
+        g = g / grad_scale.reshape(()).to(cd)
+    if maximize:
+        g = -g
+    mask = masks[i] if masks else None
+    if mask is not None:
+        g = g.masked_fill(~mask, 0)
+    return p, g, mask
+
+
+def _epilogue(i, p, states, lr, l1, params, masters, mask):
+    """Applies L1 and the mask, then writes p (and its master) and the states back in place."""
+    if l1 > 0:
+        p = p.sign() * (p.abs() - lr * l1).clamp_min(0)
+    if mask is not None:
+        p = p.masked_fill(~mask, 0)
+        states = [(dst, s.masked_fill(~mask, 0)) for dst, s in states]
+    for dst, s in states:
+        dst.copy_(s)
+    if masters:
+        masters[i].copy_(p)
+    params[i].copy_(p)
+
+
+def _lerp(a, b, w):
+    return torch.lerp(a, b, w)
+
+
+def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, dampening, nesterov,
+             weight_decay, maximize, l1, first_step, lr_tensor=None, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        states = []
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        if momentum != 0:
+            if first_step:
+                buf = g.clone()
+            else:
+                buf = momentum_buffers[i].to(g.dtype).mul(momentum).add_(g, alpha=1 - dampening)
+            states.append((momentum_buffers[i], buf))
+            g = g.add(buf, alpha=momentum) if nesterov else buf
+        p = p.add(g, alpha=-lr)
+        _epilogue(i, p, states, lr, l1, params, masters, mask)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps,
+              weight_decay, decoupled, amsgrad, maximize, l1, bias_correction1, bias_correction2_sqrt,
+              lr_tensor=None, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    step_size = lr / bias_correction1
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        if weight_decay != 0:
+            if decoupled:
+                p = p.mul(1 - lr * weight_decay)
+            else:
+                g = g.add(p, alpha=weight_decay)
+        m = _lerp(exp_avgs[i].to(g.dtype), g, 1 - beta1)
+        v = exp_avg_sqs[i].to(g.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        states = [(exp_avgs[i], m), (exp_avg_sqs[i], v)]
+        if amsgrad:
+            vmax = torch.maximum(max_exp_avg_sqs[i].to(g.dtype), v)
+            states.append((max_exp_avg_sqs[i], vmax))
+            denom = (vmax.sqrt() / bias_correction2_sqrt).add_(eps)
+        else:
+            denom = (v.sqrt() / bias_correction2_sqrt).add_(eps)
+        p = p.addcdiv(m, denom, value=-step_size)
+        _epilogue(i, p, states, lr, l1, params, masters, mask)
+
+
+def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay, eps, maximize, l1, lr_decay_denom,
+                 lr_tensor=None, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    clr = lr / lr_decay_denom
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        s = state_sums[i].to(g.dtype).addcmul(g, g, value=1)
+        std = s.sqrt().add_(eps)
+        p = p.addcdiv(g, std, value=-clr)
+        _epilogue(i, p, [(state_sums[i], s)], lr, l1, params, masters, mask)
+
+
+def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, masters, masks, *, lr, alpha, eps,
+                 weight_decay, momentum, centered, maximize, l1, lr_tensor=None, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        v = square_avgs[i].to(g.dtype).mul(alpha).addcmul_(g, g, value=1 - alpha)
+        states = [(square_avgs[i], v)]
+        if centered:
+            ga = _lerp(grad_avgs[i].to(g.dtype), g, 1 - alpha)
+            states.append((grad_avgs[i], ga))
+            avg = v.addcmul(ga, ga, value=-1).sqrt_()
+        else:
+            avg = v.sqrt()
+        avg = avg.add_(eps)
+        if momentum > 0:
+            buf = momentum_buffers[i].to(g.dtype).mul(momentum).addcdiv_(g, avg)
+            states.append((momentum_buffers[i], buf))
+            p = p.add(buf, alpha=-lr)
+        else:
+            p = p.addcdiv(g, avg, value=-lr)
+        _epilogue(i, p, states, lr, l1, params, masters, mask)
