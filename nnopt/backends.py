@@ -79,7 +79,10 @@ def missing(backend, device="cpu", family="fused_optim"):
             return f"backend 'cpu' runs on CPU tensors, got {dev} tensors"
         from nnopt import _ext
 
-        return _ext.load()
+        why = _ext.load()
+        if why is None and not _ext.has_kernel(f"{_ext.OPS[family][0]}_", "CPU"):
+            return "nnopt._C was built without its CPU kernels; rebuild with `pip install --no-build-isolation -e .`"
+        return why
     if backend == "cuda":
         if dev != "cuda":
             return f"backend 'cuda' needs CUDA tensors, got {dev} tensors"

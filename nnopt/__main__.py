@@ -1,0 +1,5 @@
+import sys
+
+from nnopt.cli import main
+
+sys.exit(main())

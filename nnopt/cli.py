@@ -1,0 +1,72 @@
+"""The nnopt command line: `nnopt info` and `nnopt demo` (also `python -m nnopt ...`).
+
+Bad input gives a one-line error and exit code 2, never a traceback.
+"""
+
+import argparse
+import platform
+import sys
+
+
+def _info(args):
+    import torch
+
+    from nnopt import __version__, backends
+
+    print(f"nnopt {__version__}  python {platform.python_version()}  torch {torch.__version__}")
+    try:
+        import triton
+
+        print(f"triton {triton.__version__}")
+    except ImportError:
+        print("triton: not installed")
+    cuda = torch.cuda.is_available()
+    devices = ["cpu"] + (["cuda"] if cuda else [])
+    if cuda:
+        print(f"cuda {torch.version.cuda}: {torch.cuda.get_device_name(0)}")
+    else:
+        print("cuda: no device visible to torch")
+    for device in devices + ([] if cuda else ["cuda"]):
+        print(f"\nbackends for {device} tensors:")
+        for name, why in backends.availability(device):
+            print(f"  {name:7s} {'available' if why is None else 'missing: ' + why}")
+        if device in devices:
+            print(f"  auto -> {backends.resolve('fused_optim', 'auto', device)}")
+    return 0
+
+
+def _demo(args):
+    from nnopt.demo import run
+
+    return run(quick=args.quick, device=args.device, backends_=args.backends, steps=args.steps)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        print(f"nnopt: error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def main(argv=None):
+    parser = _Parser(prog="nnopt", description="nnopt: fused optimizers and sparsity tools for PyTorch")
+    sub = parser.add_subparsers(dest="command", parser_class=_Parser)
+    sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=_info)
+    demo = sub.add_parser("demo", help="train a small MLP on scikit-learn's digits with every optimizer")
+    demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests and CI)")
+    demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    demo.add_argument("--backends", default=None, help="comma-separated nnopt backends (default: all available)")
+    demo.add_argument("--steps", type=int, default=None, help="training steps per run")
+    demo.set_defaults(func=_demo)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return args.func(args)
+    except (ValueError, RuntimeError, OSError, ImportError) as e:
+        print(f"nnopt {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,380 @@
+"""Every nnopt optimizer × its options × every backend available here against torch.optim's for-loop path.
+
+One harness for all five optimizers: a model whose parameters include a 0-dim scalar, odd sizes, a transposed
+(non-contiguous but dense) and a strided (non-dense) view; fresh random gradients each step; 10+ steps; then
+parameters and every state compared with nnopt.testing's tolerance for the dtype.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import nnopt.optim as nno
+from nnopt import sparsity
+from nnopt.testing import SIZES_FULL, SIZES_QUICK, assert_close
+from tests.conftest import skip_unless_available
+
+# (optimizer name, constructor kwargs): each option of each optimizer at least once.
+CONFIGS = [
+    ("SGD", dict(lr=0.1)),
+    ("SGD", dict(lr=0.1, momentum=0.9)),
+    ("SGD", dict(lr=0.1, momentum=0.9, dampening=0.3, weight_decay=0.01)),
+    ("SGD", dict(lr=0.1, momentum=0.9, nesterov=True, maximize=True)),
+    ("Adam", dict(lr=0.01)),
+    ("Adam", dict(lr=0.01, betas=(0.3, 0.8), weight_decay=0.1, amsgrad=True)),
+    ("Adam", dict(lr=0.01, maximize=True, eps=1e-3)),
+    ("AdamW", dict(lr=0.01)),
+    ("AdamW", dict(lr=0.01, amsgrad=True, weight_decay=0.5, maximize=True)),
+    ("Adagrad", dict(lr=0.1)),
+    ("Adagrad", dict(lr=0.1, lr_decay=0.05, weight_decay=0.1, initial_accumulator_value=0.2, maximize=True)),
+    ("RMSprop", dict(lr=0.01)),
+    ("RMSprop", dict(lr=0.01, momentum=0.9, centered=True, weight_decay=0.1)),
+    ("RMSprop", dict(lr=0.01, alpha=0.9, centered=True, maximize=True, eps=1e-4)),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CONFIGS]
+BACKENDS = ["triton", "cpu", "torch"]
+STEPS = 10
+
+
+def make_params(backend, dtype=torch.float32, device="cpu"):
+    """Scalar, odd sizes, a transposed view and a strided view (the large size only off the interpreter)."""
+    sizes = SIZES_QUICK if backend == "triton" and device == "cpu" else SIZES_FULL
+    ps = [torch.randn(s, dtype=dtype, device=device) for s in sizes]
+    ps.append(torch.randn(9, 5, dtype=dtype, device=device).t())  # non-contiguous, dense
+    ps.append(torch.randn(6, 10, dtype=dtype, device=device)[:, ::3])  # non-contiguous, not dense
+    return [torch.nn.Parameter(p) for p in ps]
+
+
+def clone_params(ps):
+    return [torch.nn.Parameter(p.detach().clone()) for p in ps]
+
+
+def set_grads(*param_lists, dtype=None):
+    for ps in zip(*param_lists):
+        g = torch.randn_like(ps[0], dtype=dtype or ps[0].dtype)
+        for p in ps:
+            p.grad = g.clone().to(p.dtype)
+
+
+def torch_twin(name, params, kwargs):
+    return getattr(torch.optim, name)(params, foreach=False, **kwargs)
+
+
+def assert_same_state(a, b, params_a, params_b, dtype=torch.float32):
+    for pa, pb in zip(params_a, params_b):
+        assert_close(pa.detach(), pb.detach(), dtype)
+        sa, sb = a.state[pa], b.state[pb]
+        assert set(sb) <= set(sa), (set(sa), set(sb))
+        for k, v in sb.items():
+            assert_close(sa[k], v, dtype, msg=f"state {k!r}")
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_matches_torch(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params(backend)
+    qs = clone_params(ps)
+    ours = getattr(nno, name)(ps, backend=backend, **kwargs)
+    ref = torch_twin(name, qs, kwargs)
+    for _ in range(STEPS):
+        set_grads(ps, qs)
+        ours.step()
+        ref.step()
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_schedulers_and_tensor_lr(name, backend):
+    """lr (and Adam's betas) change every step; lr given as a tensor; two param groups, one added later."""
+    skip_unless_available(backend, "cpu")
+    kwargs = dict(lr=torch.tensor(0.05)) if name != "SGD" else dict(lr=torch.tensor(0.05), momentum=0.9)
+    ps, qs = make_params("triton"), None
+    qs = clone_params(ps)
+    ours = getattr(nno, name)(ps[:3], backend=backend, **kwargs)
+    ref = torch_twin(name, qs[:3], kwargs)
+    sched = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (ours, ref)]
+    for step in range(STEPS):
+        if step == 3:
+            ours.add_param_group({"params": ps[3:], "lr": 0.02})
+            ref.add_param_group({"params": qs[3:], "lr": 0.02})
+        if "betas" in ours.param_groups[0]:
+            for o in (ours, ref):
+                o.param_groups[0]["betas"] = (0.9 - 0.02 * step, 0.999)
+        set_grads(ps, qs)
+        ours.step()
+        ref.step()
+        for s in sched:
+            s.step()
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_closure_and_zero_grad():
+    model = torch.nn.Linear(7, 3)
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 7), torch.randn(16, 3)
+    ours, ref = nno.Adam(model.parameters(), lr=0.01), torch.optim.Adam(twin.parameters(), lr=0.01, foreach=False)
+    for _ in range(5):
+        for m, o in ((model, ours), (twin, ref)):
+            def closure(m=m, o=o):
+                o.zero_grad()
+                loss = torch.nn.functional.mse_loss(m(x), y)
+                loss.backward()
+                return loss
+
+            loss = o.step(closure)
+            assert loss is not None
+    ours.zero_grad()
+    assert all(p.grad is None for p in model.parameters())
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
+@pytest.mark.parametrize("name,kwargs", [c for c in CONFIGS if c[0] in ("AdamW", "SGD", "Adagrad", "RMSprop")][::2])
+def test_state_dict_round_trip(name, kwargs, direction):
+    """A checkpoint of one side loads into the other and training continues identically."""
+    ps = make_params("cpu")
+    qs = clone_params(ps)
+    first = getattr(nno, name)(ps, **kwargs) if direction == "nnopt_to_torch" else torch_twin(name, ps, kwargs)
+    for _ in range(3):
+        set_grads(ps)
+        first.step()
+    sd = copy.deepcopy(first.state_dict())
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    second = torch_twin(name, qs, kwargs) if direction == "nnopt_to_torch" else getattr(nno, name)(qs, **kwargs)
+    second.load_state_dict(sd)
+    for _ in range(STEPS):
+        set_grads(ps, qs)
+        first.step()
+        second.step()
+    ours, theirs = (second, first) if direction == "torch_to_nnopt" else (first, second)
+    p_ours, p_theirs = (qs, ps) if direction == "torch_to_nnopt" else (ps, qs)
+    assert_same_state(ours, theirs, p_ours, p_theirs)
+    for p in qs:
+        st = second.state[p]
+        if "step" in st:
+            assert st["step"].device.type == "cpu" and st["step"].dtype == torch.float32
+
+
+def test_state_dict_keys_match_torch():
+    ps = make_params("cpu")
+    qs = clone_params(ps)
+    ours, ref = nno.AdamW(ps, amsgrad=True), torch.optim.AdamW(qs, amsgrad=True)
+    set_grads(ps, qs)
+    ours.step()
+    ref.step()
+    so, sr = ours.state_dict(), ref.state_dict()
+    assert so["state"].keys() == sr["state"].keys()
+    for k in sr["state"]:
+        assert so["state"][k].keys() == sr["state"][k].keys()
+    assert set(sr["param_groups"][0]) <= set(so["param_groups"][0])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIGS[1::2], ids=IDS[1::2])
+def test_masked_entries_stay_zero(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params(backend)
+    masks = [torch.rand(p.shape) > 0.4 for p in ps]
+    opt = getattr(nno, name)(ps, backend=backend, **kwargs)
+    set_grads(ps)
+    opt.step()  # states exist and are nonzero before the masks arrive
+    for p, m in zip(ps, masks):
+        sparsity.set_mask(p, m)
+    qs = clone_params(ps)
+    ref = getattr(nno, name)(qs, backend="torch", **kwargs)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, m in zip(qs, masks):
+        sparsity.set_mask(q, m)
+    for _ in range(STEPS):
+        set_grads(ps, qs)
+        opt.step()
+        ref.step()
+    for p, m in zip(ps, masks):
+        assert (p[~m] == 0).all()
+        for k, v in opt.state[p].items():
+            if k != "step":
+                assert (v[~m] == 0).all(), k
+    assert_same_state(opt, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIGS[::3], ids=IDS[::3])
+def test_l1_matches_reference_and_makes_zeros(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params(backend)
+    qs = clone_params(ps)
+    ours = getattr(nno, name)(ps, backend=backend, l1=0.5, **kwargs)
+    ref = getattr(nno, name)(qs, backend="torch", l1=0.5, **kwargs)
+    for _ in range(STEPS):
+        set_grads(ps, qs)
+        ours.step()
+        ref.step()
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
+    for p, q in zip(ps, qs):
+        assert torch.equal(p == 0, q == 0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Adagrad", "RMSprop"])
+def test_master_weights(name, dtype, backend):
+    """Low-precision params with fp32 masters track an fp32 run; the master sits in the state and state_dict."""
+    skip_unless_available(backend, "cpu")
+    kwargs = dict(lr=0.01, momentum=0.9) if name in ("SGD", "RMSprop") else dict(lr=0.01)
+    ps32 = make_params(backend)
+    ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in ps32]
+    qs = [torch.nn.Parameter(p.detach().to(dtype).float()) for p in ps32]  # fp32 twin from the same start
+    ours = getattr(nno, name)(ps, backend=backend, master_weights=True, **kwargs)
+    ref = getattr(torch.optim, name)(qs, foreach=False, **kwargs)
+    for _ in range(STEPS):
+        set_grads(qs)
+        for p, q in zip(ps, qs):
+            p.grad = q.grad.to(dtype)
+        ours.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        master = ours.state[p]["master_param"]
+        assert master.dtype == torch.float32
+        assert_close(p.detach(), q.detach().to(dtype), dtype)
+        assert torch.equal(p.detach(), master.to(dtype))
+    sd = ours.state_dict()
+    fresh = getattr(nno, name)([torch.nn.Parameter(p.detach().clone()) for p in ps], master_weights=True, **kwargs)
+    fresh.load_state_dict(sd)
+    for p in fresh.param_groups[0]["params"]:
+        assert all(v.dtype == torch.float32 for k, v in fresh.state[p].items())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["SGD", "AdamW", "Adagrad", "RMSprop"])
+def test_grad_scaler_skips_non_finite_step(name, backend):
+    skip_unless_available(backend, "cpu")
+    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    twin = copy.deepcopy(model)
+    ours = getattr(nno, name)(model.parameters(), backend=backend, **kwargs)
+    ref = getattr(torch.optim, name)(twin.parameters(), foreach=False, **kwargs)
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    for step in range(6):
+        for m, o, s in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            o.zero_grad()
+            loss = torch.nn.functional.mse_loss(m(x), y)
+            s.scale(loss).backward()
+            if step == 3:
+                next(m.parameters()).grad[0, 0] = float("inf")
+                before = [p.detach().clone() for p in m.parameters()]
+                states = copy.deepcopy(o.state_dict()["state"])
+            s.step(o)
+            s.update()
+            if step == 3:
+                assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+                after = o.state_dict()["state"]
+                for k in states:
+                    for key, v in states[k].items():
+                        assert torch.equal(v, after[k][key]), key
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert_close(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_one_backend_call_per_group(backend, monkeypatch):
+    """Fused: one kernel call per (device, dtype) group however many tensors — here 300 tensors, two dtypes."""
+    skip_unless_available(backend, "cpu")
+    from nnopt import backends
+
+    calls = []
+    real = backends.implementation
+
+    def counting(family, name):
+        impl = real(family, name)
+
+        class Wrapped:
+            def __getattr__(self, op):
+                fn = getattr(impl, op)
+                return lambda *a, **k: (calls.append(op), fn(*a, **k))[1]
+
+        return Wrapped()
+
+    monkeypatch.setattr(backends, "implementation", counting)
+    ps = [torch.nn.Parameter(torch.randn(3, dtype=torch.float32 if i % 2 else torch.float64)) for i in range(300)]
+    opt = nno.AdamW(ps, backend=backend)
+    set_grads(ps)
+    opt.step()
+    assert calls == ["adam_step", "adam_step"]
+
+
+def test_sparse_and_complex_follow_torch():
+    """Sparse gradients in SGD/Adagrad and complex parameters give torch's result; sparse Adam raises."""
+    for name in ("SGD", "Adagrad"):
+        emb, twin = torch.nn.Embedding(10, 4, sparse=True), None
+        twin = copy.deepcopy(emb)
+        ours, ref = getattr(nno, name)(emb.parameters(), lr=0.1), getattr(torch.optim, name)(twin.parameters(), lr=0.1)
+        idx = torch.tensor([1, 3, 3, 7])
+        for m, o in ((emb, ours), (twin, ref)):
+            m(idx).sum().backward()
+            o.step()
+        assert_close(emb.weight.detach(), twin.weight.detach())
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        nno.Adam(emb.parameters()).step()
+    for name in ("SGD", "Adam", "AdamW", "Adagrad", "RMSprop"):
+        p = torch.nn.Parameter(torch.randn(5, dtype=torch.complex64))
+        q = torch.nn.Parameter(p.detach().clone())
+        ours, ref = getattr(nno, name)([p], lr=0.1), getattr(torch.optim, name)([q], lr=0.1, foreach=False)
+        for _ in range(4):
+            set_grads([p], [q])
+            ours.step()
+            ref.step()
+        assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("name", ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop"])
+def test_bad_input_raises(name):
+    cls = getattr(nno, name)
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="learning rate"):
+        cls(p, lr=-1.0)
+    if name != "SGD":
+        with pytest.raises(ValueError, match="epsilon"):
+            cls(p, eps=-1.0)
+    if name in ("Adam", "AdamW"):
+        with pytest.raises(ValueError, match="beta parameter at index 0"):
+            cls(p, betas=(1.0, 0.9))
+        with pytest.raises(ValueError, match="beta parameter at index 1"):
+            cls(p, betas=(0.9, -0.1))
+    with pytest.raises(TypeError, match="parameter 1 of param group 0 has dtype torch.int64"):
+        cls([torch.randn(2), torch.zeros(2, dtype=torch.long)], lr=0.1)
+    with pytest.raises(ValueError, match="l1"):
+        cls(p, lr=0.1, l1=-1.0)
+    with pytest.raises(ValueError, match="unknown backend 'tpu'"):
+        cls(p, lr=0.1, backend="tpu")
+
+
+def test_bad_input_leaves_nothing_half_updated():
+    good = torch.nn.Parameter(torch.randn(4))
+    bad = torch.nn.Parameter(torch.randn(4))
+    opt = nno.AdamW([{"params": [good]}, {"params": [bad]}])
+    good.grad, bad.grad = torch.randn(4), torch.randn(4)
+    bad.data = bad.data.double()  # its gradient stays float32
+    before = good.detach().clone()
+    with pytest.raises(TypeError, match="parameter 0 of param group 1 has dtype torch.float64"):
+        opt.step()
+    assert torch.equal(good, before) and len(opt.state[good]) == 0
+
+
+def test_forced_unavailable_backend_names_what_is_missing():
+    from nnopt import BackendUnavailable
+
+    p = torch.nn.Parameter(torch.randn(3))
+    p.grad = torch.randn(3)
+    with pytest.raises(BackendUnavailable, match="backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors"):
+        nno.SGD([p], lr=0.1, backend="cuda").step()
