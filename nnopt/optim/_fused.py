@@ -34,10 +34,6 @@ def _as_float(value):
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
 
 
-def _needs_copy(t):
-    return not t.is_contiguous()
-
-
 class FusedOptimizer(torch.optim.Optimizer):
     """Base class; see the subclasses in nnopt.optim for the constructor arguments."""
 
@@ -133,13 +129,16 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        # Validate every group before updating any, so a bad input leaves nothing half-updated.
-        collected = [self._collect(gi, group) for gi, group in enumerate(self.param_groups)]
+        # Validate every group before updating any: a bad input leaves nothing half-updated.
+        checked = [self._check(gi, group) for gi, group in enumerate(self.param_groups)]
+        plans = [(plan or self._build_plan(gi, group, grads, has, masks), grads)
+                 for gi, (group, (plan, grads, has, masks)) in enumerate(zip(self.param_groups, checked))]
         if found_inf is not None and self._has_step and bool(found_inf.item() != 0):
             # Step counts live on the host (torch's default layout), so a skipped step reads found_inf once.
             return loss
-        for gi, (group, (ps, gs)) in enumerate(zip(self.param_groups, collected)):
-            self._step_group(gi, group, ps, gs, grad_scale, found_inf)
+        for group, (plan, grads) in zip(self.param_groups, plans):
+            if plan is not None:
+                self._run(group, plan, grads, grad_scale, found_inf)
         return loss
 
     def _lr(self, group, device):
@@ -150,116 +149,165 @@ class FusedOptimizer(torch.optim.Optimizer):
             return 0.0, lr.detach().reshape(1).to(device=device, dtype=torch.float32)
         return float(lr), None
 
-    def _collect(self, gi, group):
-        """Validates the group's parameters that have gradients; returns them with their grads."""
-        name = type(self).__name__
-        ps, gs = [], []
-        for i, p in enumerate(group["params"]):
-            g = p.grad
-            if g is None:
-                continue
-            if g.device != p.device:
-                raise ValueError(f"{name}: parameter {i} of param group {gi} is on {p.device} "
-                                 f"but its gradient is on {g.device}")
-            if g.dtype != p.dtype and not g.is_sparse:
-                raise TypeError(f"{name}: parameter {i} of param group {gi} has dtype {p.dtype} "
-                                f"but its gradient has dtype {g.dtype}")
-            if g.shape != p.shape:
-                raise ValueError(f"{name}: parameter {i} of param group {gi} has shape {tuple(p.shape)} "
-                                 f"but its gradient has shape {tuple(g.shape)}")
-            ps.append(p)
-            gs.append(g)
-        return ps, gs
+    def _check(self, gi, group):
+        """(plan, grads, has, masks): the cached plan while nothing it depends on changed, else None (validated).
 
-    def _step_group(self, gi, group, ps, gs, grad_scale, found_inf):
-        if not ps:
-            return
+        A plan holds the kernel-ready lists of every bucket except the gradients, which are new tensors after
+        each ``zero_grad()``; it depends on which parameters have gradients, their masks, and the state dict.
+        """
+        params = group["params"]
+        grads = [p.grad for p in params]
+        has = [g is not None for g in grads]
+        masks = [getattr(p, sparsity._ATTR, None) for p in params]
+        plan = self._plans.get(gi) if hasattr(self, "_plans") else None
+        if (plan is None or plan.has != has or plan.state is not self.state or plan.stale
+                or not all(a is b for a, b in zip(masks, plan.masks))):
+            for i, g in enumerate(grads):
+                if g is not None:
+                    self._validate(gi, i, params[i], g)
+            plan = None
+        return plan, grads, has, masks
+
+    def _validate(self, gi, i, p, g):
         name = type(self).__name__
+        if g.device != p.device:
+            raise ValueError(f"{name}: parameter {i} of param group {gi} is on {p.device} "
+                             f"but its gradient is on {g.device}")
+        if g.dtype != p.dtype and not g.is_sparse:
+            raise TypeError(f"{name}: parameter {i} of param group {gi} has dtype {p.dtype} "
+                            f"but its gradient has dtype {g.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(f"{name}: parameter {i} of param group {gi} has shape {tuple(p.shape)} "
+                             f"but its gradient has shape {tuple(g.shape)}")
+        if g.is_sparse and (sparsity.get_mask(p) is not None or self.param_groups[gi]["l1"] != 0):
+            raise RuntimeError(f"{name}: parameter {i} of param group {gi} has a sparse gradient; "
+                               "masks and l1 need dense gradients")
+
+    def _build_plan(self, gi, group, grads, has, masks):
+        if not hasattr(self, "_plans"):
+            self._plans = {}
+        self._plans.pop(gi, None)
+        idx = [i for i, h in enumerate(has) if h]
+        if not idx:
+            return None
         master = group["master_weights"]
-        dense = []
-        for i, (p, g) in enumerate(zip(ps, gs)):
+        sparse = []
+        for i in idx:
+            p = group["params"][i]
             state = self.state[p]
             if len(state) == 0 or (self._has_step and "step" not in state):
                 self._init_state(p, group, state)
             if master and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
-            if g.is_sparse:
-                if sparsity.get_mask(p) is not None or group["l1"] != 0 or grad_scale is not None:
-                    raise RuntimeError(f"{name}: parameter {i} of param group {gi} has a sparse gradient; "
-                                       "masks, l1 and GradScaler need dense gradients")
-                self._sparse_step(group, p, g, state, self._lr(group, p.device))
-                continue
-            dense.append((p, g, state))
-        if not dense:
-            return
-        if self._has_step:
-            steps = [s["step"] for _, _, s in dense]
-            torch._foreach_add_(steps, 1)
-            step_values = torch.stack(steps).tolist() if len(steps) > 1 else [steps[0].item()]
-        else:
-            step_values = [0.0] * len(dense)
+            if grads[i].is_sparse:
+                sparse.append(i)
+        dense = [i for i in idx if i not in set(sparse)]
+        steps = None
+        if self._has_step and dense:
+            # One storage for all step counts: a step adds 1 to every count with one op. Each state["step"]
+            # stays a 0-dim CPU float32 tensor of its own (a view of one element), as torch.optim expects.
+            steps = torch.tensor([float(self.state[group["params"][i]]["step"]) for i in dense], dtype=torch.float32)
+            for j, i in enumerate(dense):
+                self.state[group["params"][i]]["step"] = steps[j]
         buckets = {}
-        for (p, g, state), sv in zip(dense, step_values):
-            mask = sparsity.get_mask(p)
-            key = (p.device, p.dtype, sv, mask is not None, "master_param" in state, self._bucket_extra(state))
-            buckets.setdefault(key, []).append((p, g, state, mask))
-        for (device, dtype, sv, masked, has_master, extra), items in buckets.items():
-            self._launch(group, device, sv, extra, items, masked, has_master, grad_scale, found_inf)
+        for j, i in enumerate(dense):
+            p = group["params"][i]
+            state = self.state[p]
+            key = (p.device, p.dtype, float(steps[j]) if steps is not None else 0.0, masks[i] is not None,
+                   "master_param" in state, self._bucket_extra(group, state))
+            buckets.setdefault(key, []).append((i, j))
+        plan = _Plan(has, masks, self.state, sparse, steps)
+        for (device, _, _, masked, has_master, extra), members in buckets.items():
+            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master, masks))
+            if extra is False:
+                plan.stale = True  # SGD's first momentum step creates buffers: the next step needs a new plan
+        self._plans[gi] = plan
+        return plan
 
-    def _bucket_extra(self, state):
+    def _make_bucket(self, group, device, extra, members, masked, has_master, masks):
+        params = group["params"]
+        self._prepare(group, [(params[i], None, self.state[params[i]], None) for i, _ in members], extra)
+        names = self._state_lists(group)
+        cplx = params[members[0][0]].is_complex()
+        if cplx and masked:
+            raise TypeError(f"{type(self).__name__}: complex parameters cannot carry a mask")
+        if cplx and group["l1"] != 0:
+            raise ValueError(f"{type(self).__name__}: l1 is not defined for complex parameters")
+        view = torch.view_as_real if cplx else (lambda t: t)
+        lists = {"params": [view(params[i]) for i, _ in members]}
+        for n in names:
+            if n is not None:
+                lists[n] = [view(self.state[params[i]][n]) for i, _ in members]
+        lists["masters"] = [self.state[params[i]]["master_param"] for i, _ in members] if has_master else []
+        lists["masks"] = [masks[i] for i, _ in members] if masked else []
+        # Kernels take contiguous tensors: a non-contiguous one runs on a contiguous copy written back after.
+        copies = []
+        for key, ts in lists.items():
+            for j, t in enumerate(ts):
+                if not t.is_contiguous():
+                    copies.append((key, j, t))
+        return _Bucket(device, extra, [i for i, _ in members], members[0][1], lists, names, copies, cplx)
+
+    def _run(self, group, plan, grads, grad_scale, found_inf):
+        for i in plan.sparse:
+            p = group["params"][i]
+            self._sparse_step(group, p, grads[i], self.state[p], self._lr(group, p.device))
+        if plan.steps is not None:
+            plan.steps.add_(1)
+        for b in plan.buckets:
+            self._launch(group, plan, b, grads, grad_scale, found_inf)
+
+    def _launch(self, group, plan, b, grads, grad_scale, found_inf):
+        lists = dict(b.lists)
+        gs = [grads[i] for i in b.idx]
+        if b.complex:
+            gs = [torch.view_as_real(g) for g in gs]
+        lists["grads"] = [g if g.is_contiguous() else g.contiguous() for g in gs]
+        writeback = []
+        if b.copies:
+            lists = {k: list(v) for k, v in lists.items()}
+            for key, j, t in b.copies:
+                c = t.contiguous()
+                lists[key][j] = c
+                if key != "masks":
+                    writeback.append((t, c))
+        step = float(plan.steps[b.rep]) if plan.steps is not None else 0.0
+        lr, lr_tensor = self._lr(group, b.device)
+        if grad_scale is not None and grad_scale.device != b.device:
+            grad_scale = grad_scale.to(b.device, non_blocking=True)
+        if found_inf is not None and found_inf.device != b.device:
+            found_inf = found_inf.to(b.device, non_blocking=True)
+        impl = backends.implementation(FAMILY, backends.resolve(FAMILY, group["backend"], b.device))
+        args = [lists["params"], lists["grads"]] + [lists[n] if n is not None else [] for n in b.names]
+        args += [lists["masters"], lists["masks"]]
+        getattr(impl, self._op)(*args, lr=lr, l1=float(group["l1"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
+                                found_inf=found_inf, **self._hyper(group, step, b.extra))
+        for dst, src in writeback:
+            dst.copy_(src)
+
+    def _bucket_extra(self, group, state):
         """Anything else that must be uniform within one kernel call (SGD: whether the buffer exists yet)."""
         return None
 
     def _prepare(self, group, items, extra):
         """Creates any state the kernel needs before this call (SGD: momentum buffers on the first step)."""
 
-    def _launch(self, group, device, step, extra, items, masked, has_master, grad_scale, found_inf):
-        self._prepare(group, items, extra)
-        names = self._state_lists(group)
-        if items[0][0].is_complex():
-            if masked:
-                raise TypeError(f"{type(self).__name__}: complex parameters cannot carry a mask")
-            if group["l1"] != 0:
-                raise ValueError(f"{type(self).__name__}: l1 is not defined for complex parameters")
-            view = torch.view_as_real
-        else:
-            def view(t):
-                return t
-        lists = {"params": [], "grads": [], "masters": [], "masks": []}
-        for n in names:
-            if n is not None:
-                lists[n] = []
-        for p, g, state, mask in items:
-            lists["params"].append(view(p))
-            lists["grads"].append(view(g))
-            for n in names:
-                if n is not None:
-                    lists[n].append(view(state[n]))
-            if has_master:
-                lists["masters"].append(state["master_param"])
-            if masked:
-                lists["masks"].append(mask)
-        writeback = []
-        for key in lists:
-            for j, t in enumerate(lists[key]):
-                if _needs_copy(t):
-                    c = t.contiguous()
-                    if key not in ("grads", "masks"):
-                        writeback.append((t, c))
-                    lists[key][j] = c
-        lr, lr_tensor = self._lr(group, device)
-        if grad_scale is not None and grad_scale.device != device:
-            grad_scale = grad_scale.to(device, non_blocking=True)
-        if found_inf is not None and found_inf.device != device:
-            found_inf = found_inf.to(device, non_blocking=True)
-        impl = backends.implementation(FAMILY, backends.resolve(FAMILY, group["backend"], device))
-        tensor_args = [lists["params"], lists["grads"]]
-        tensor_args += [lists[n] if n is not None else [] for n in names]
-        tensor_args += [lists["masters"], lists["masks"]]
-        getattr(impl, self._op)(*tensor_args, lr=lr, l1=float(group["l1"]), lr_tensor=lr_tensor,
-                                grad_scale=grad_scale, found_inf=found_inf, **self._hyper(group, step, extra))
-        for dst, src in writeback:
-            dst.copy_(src)
+
+class _Plan:
+    """What one param group's step launches, cached across steps (see FusedOptimizer._plan)."""
+
+    def __init__(self, has, masks, state, sparse, steps):
+        self.has, self.masks, self.state, self.sparse, self.steps = has, masks, state, sparse, steps
+        self.buckets = []
+        self.stale = False
+
+
+class _Bucket:
+    """One kernel call: parameters sharing device, dtype, step count, mask and master presence."""
+
+    def __init__(self, device, extra, idx, rep, lists, names, copies, complex_):
+        self.device, self.extra, self.idx, self.rep = device, extra, idx, rep
+        self.lists, self.names, self.copies, self.complex = lists, names, copies, complex_
 
 
 def bias_corrections(beta1, beta2, step):

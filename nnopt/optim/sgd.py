@@ -35,8 +35,8 @@ class SGD(FusedOptimizer):
     def _init_state(self, p, group, state):
         pass  # the momentum buffer is created by the first step that uses it, as in torch
 
-    def _bucket_extra(self, state):
-        return "momentum_buffer" in state
+    def _bucket_extra(self, group, state):
+        return ("momentum_buffer" in state) if group["momentum"] != 0 else None
 
     def _prepare(self, group, items, has_buffer):
         if group["momentum"] != 0 and not has_buffer:
