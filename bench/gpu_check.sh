@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# The one GPU check (H100/H200 machine: python3 with torch 2.11+cu130, triton 3.6, nvcc 13.0, no network).
+# Builds nnopt._C offline for sm_90, runs the CUDA tests (triton and cuda backends, fp32/bf16/fp16, >2^31
+# elements, no host sync), then the optimizer benchmark, and prints a short table last.
+#   bash bench/gpu_check.sh            (logs and RESULTS entries go under $OUT when set, else /tmp/nnopt_gpu)
+set -uo pipefail
+cd "$(dirname "$0")/.."
+export TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=16 PYTHONUNBUFFERED=1
+LOG=${OUT:-/tmp/nnopt_gpu}
+mkdir -p "$LOG"
+PY=python3
+status=()
+
+echo "== build"
+if $PY -m pip install --no-build-isolation --no-deps -e . >"$LOG/build.log" 2>&1; then
+  status+=("build: ok")
+else
+  tail -40 "$LOG/build.log"; status+=("build: FAILED (see build.log)")
+fi
+$PY -m nnopt info 2>&1 | tee "$LOG/info.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG/info.txt"
+
+echo "== GPU tests"
+timeout 300 $PY -m pytest tests/kernels tests/optim -q -x -k "cuda or gpu" -p no:cacheprovider \
+  >"$LOG/tests.log" 2>&1
+rc=$?
+tail -25 "$LOG/tests.log"
+status+=("gpu tests: rc=$rc, $(grep -E '[0-9]+ (passed|failed)' "$LOG/tests.log" | tail -1)")
+
+echo "== benchmark"
+timeout 300 $PY bench/bench_optim.py --device cuda --repeats 10 >"$LOG/bench.log" 2>&1
+rc=$?
+status+=("bench: rc=$rc")
+cp bench/RESULTS.md "$LOG/RESULTS.md" 2>/dev/null
+
+echo
+echo "================ summary ================"
+printf '%s\n' "${status[@]}"
+sed -n '/^summary/,$p' "$LOG/bench.log"
