@@ -378,3 +378,20 @@ def test_forced_unavailable_backend_names_what_is_missing():
     p.grad = torch.randn(3)
     with pytest.raises(BackendUnavailable, match="backend 'cuda' is unavailable: backend 'cuda' needs CUDA tensors"):
         nno.SGD([p], lr=0.1, backend="cuda").step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_matches_torch_on_cuda(name, kwargs, backend):
+    """On a GPU: the same parity with torch.optim (for-loop) on CUDA tensors, odd sizes and views included."""
+    skip_unless_available(backend, "cuda")
+    ps = make_params(backend, device="cuda")
+    qs = clone_params(ps)
+    ours = getattr(nno, name)(ps, backend=backend, **kwargs)
+    ref = torch_twin(name, qs, kwargs)
+    for _ in range(STEPS):
+        set_grads(ps, qs)
+        ours.step()
+        ref.step()
+    assert_same_state(ours, ref, ps, qs)
