@@ -209,8 +209,9 @@ def test_l1_matches_reference_and_makes_zeros(name, kwargs, backend):
     skip_unless_available(backend, "cpu")
     ps = make_params(backend)
     qs = clone_params(ps)
-    ours = getattr(nno, name)(ps, backend=backend, l1=0.5, **kwargs)
-    ref = getattr(nno, name)(qs, backend="torch", l1=0.5, **kwargs)
+    l1 = 0.05 / kwargs["lr"]  # a threshold of 0.05 per step: some entries reach 0 within the run, most do not
+    ours = getattr(nno, name)(ps, backend=backend, l1=l1, **kwargs)
+    ref = getattr(nno, name)(qs, backend="torch", l1=l1, **kwargs)
     for _ in range(STEPS):
         set_grads(ps, qs)
         ours.step()

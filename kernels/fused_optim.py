@@ -1,0 +1,473 @@
+"""Fused optimizer steps in Triton: SGD, Adam/AdamW, Adagrad and RMSprop, one launch per call for all parameters.
+
+Each function updates its lists in place, with the names, signatures and math of `nnopt.reference.fused_optim`
+(torch.optim's single-tensor path, op for op). Per element, with g the gradient (divided by grad_scale; negated
+when maximize; 0 where masked), p the parameter (its fp32 master copy when masters are given) and lr the learning
+rate (lr_tensor's value when given):
+
+SGD      g += wd*p; if momentum: buf = g (first step) or momentum*buf + (1-dampening)*g;
+         g = g + momentum*buf (nesterov) or buf;  p += -lr*g
+Adam     if wd: p *= 1 - lr*wd (decoupled, AdamW) or g += wd*p;  m = lerp(m, g, 1-beta1);
+         v = v*beta2 + (1-beta2)*g*g;  vmax = max(vmax, v) (amsgrad);
+         p += -(lr/bc1) * m / (sqrt(v or vmax)/bc2_sqrt + eps)
+Adagrad  g += wd*p;  s += g*g;  p += -(lr/lr_decay_denom) * g / (sqrt(s) + eps)
+RMSprop  g += wd*p;  v = v*alpha + (1-alpha)*g*g;  ga = lerp(ga, g, 1-alpha) (centered);
+         avg = sqrt(v - ga*ga (centered) or v) + eps;
+         buf = buf*momentum + g/avg; p += -lr*buf (momentum > 0)  or  p += -lr * g/avg
+then     p = sign(p) * max(|p| - lr*l1, 0) (l1 > 0); masked entries of p, master and states = 0.
+When found_inf is given and nonzero, nothing changes.
+
+Shapes: any (tensor i of every list has params[i]'s numel); every tensor contiguous, all on one CUDA device (CPU
+with TRITON_INTERPRET=1). Dtypes: params/grads one of float32, float64, bfloat16, float16 (one dtype for the whole
+call); states float32 when masters (float32 copies of bfloat16/float16 params) are given, else the params' dtype;
+masks bool; lr_tensor and grad_scale one floating element; found_inf one element.
+
+Numerics: math runs in float32 (float64 for float64 params). The hyperparameters reach the kernel as float64 and
+the derived scalars (1-beta1, lr/bc1, 1-lr*wd, lr*l1, ...) are formed in float64 and rounded once to the compute
+dtype, as torch rounds a Python scalar; division and sqrt are IEEE (`div_rn`, `sqrt_rn`); `a + alpha*b`, addcmul
+and lerp use the fma ATen's vectorised CPU kernels use. Stores round to nearest even (`_utils.cast`). Against the
+reference on CPU the only per-step difference left is torch's CPU sqrt, which is not correctly rounded (1 ulp).
+lr_tensor, grad_scale and found_inf are read inside the kernel, never on the host.
+"""
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _multi_tensor
+from ._multi_tensor import chunk_bounds, slot_ptr
+from ._utils import cast, compute_dtype, div_rn, f64, lerp, sqrt_rn, tl_dtype
+
+# ---------------------------------------------------------------------------------------------------------------
+# Shared jit pieces. Slot order in the table: param, grad, [master], [mask], states...
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _setup(table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+           HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+           N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    """Everything loop-invariant, read once per program: the chunk bounds (an empty chunk when found_inf is
+    nonzero), lr and grad_scale as float64, and the pointers of param, grad, master and mask (an absent master or
+    mask gets the param's pointer, never dereferenced)."""
+    row, start, lim, end = chunk_bounds(table, N_SLOTS, CHUNK, BLOCK)
+    if HAS_INF:
+        skip = tl.load(inf_ptr) != 0
+        lim = tl.where(skip, start, lim)
+        end = tl.where(skip, start, end)
+    if HAS_LR_T:
+        lr = tl.load(lr_ptr).to(tl.float64)
+    else:
+        lr = f64(lr)
+    if HAS_SCALE:
+        scale = tl.load(scale_ptr).to(tl.float64)
+    else:
+        scale = f64(1.0)
+    p_ptr = slot_ptr(row, 0, P_DTYPE, ALIGNED)
+    g_ptr = slot_ptr(row, 1, P_DTYPE, ALIGNED)
+    w_ptr = p_ptr
+    if HAS_MASTER:
+        w_ptr = slot_ptr(row, 2, tl.float32, ALIGNED)
+    k_ptr = p_ptr
+    if HAS_MASK:
+        k_ptr = slot_ptr(row, 2 + HAS_MASTER, tl.int8, ALIGNED)
+    return row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr
+
+
+@triton.jit
+def _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD: tl.constexpr, HAS_MASTER: tl.constexpr,
+              HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr):
+    """Loads (p, g, keep) in the compute dtype: p from the master when there is one, g unscaled, negated when
+    maximizing and 0 where masked; keep is the mask (the bounds mask without masks)."""
+    if HAS_MASTER:
+        p = tl.load(w_ptr + offs, mask=m, other=0.0).to(CD)
+    else:
+        p = tl.load(p_ptr + offs, mask=m, other=0.0).to(CD)
+    g = tl.load(g_ptr + offs, mask=m, other=0.0).to(CD)
+    if HAS_SCALE:
+        g = div_rn(g, scale.to(CD), CD)
+    if MAXIMIZE:
+        g = -g
+    keep = m
+    if HAS_MASK:
+        keep = tl.load(k_ptr + offs, mask=m, other=0) != 0
+        g = tl.where(keep, g, 0.0)
+    return p, g, keep
+
+
+@triton.jit
+def _load_state(ptr, offs, m, CD: tl.constexpr):
+    return tl.load(ptr + offs, mask=m, other=0.0).to(CD)
+
+
+@triton.jit
+def _store_state(ptr, offs, m, x, keep, HAS_MASK: tl.constexpr):
+    if HAS_MASK:
+        x = tl.where(keep, x, 0.0)
+    tl.store(ptr + offs, cast(x, ptr.dtype.element_ty), mask=m)
+
+
+@triton.jit
+def _epilogue(p_ptr, w_ptr, offs, m, p, keep, l1_thr, do_l1, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr):
+    """L1 proximal step (when do_l1), mask, then stores p into the master and the param."""
+    shrunk = tl.maximum(tl.abs(p) - l1_thr, 0.0)
+    p = tl.where(do_l1, tl.where(p > 0, shrunk, tl.where(p < 0, -shrunk, p)), p)
+    if HAS_MASK:
+        p = tl.where(keep, p, 0.0)
+    if HAS_MASTER:
+        tl.store(w_ptr + offs, p.to(tl.float32), mask=m)
+    tl.store(p_ptr + offs, cast(p, p_ptr.dtype.element_ty), mask=m)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Kernels: each walks its chunk's full blocks (vectorised), then the partial block. A state slot the step does not
+# use gets the first state's pointer, never dereferenced.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _sgd_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, buf_ptr, scale, lr, momentum, one_m_damp, wd, l1,
+               CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+               MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr, NESTEROV: tl.constexpr,
+               FIRST_STEP: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE)
+    g = tl.where(wd != 0, tl.fma(p, wd.to(CD), g), g)
+    if HAS_MOMENTUM:
+        if FIRST_STEP:
+            buf = g
+        else:
+            buf = tl.fma(g, one_m_damp.to(CD), _load_state(buf_ptr, offs, m, CD) * momentum.to(CD))
+        _store_state(buf_ptr, offs, m, buf, keep, HAS_MASK)
+        if NESTEROV:
+            g = tl.fma(buf, momentum.to(CD), g)
+        else:
+            g = buf
+    p = tl.fma(g, (-lr).to(CD), p)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _sgd_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, momentum: tl.float64, dampening: tl.float64,
+                weight_decay: tl.float64, l1: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
+                HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                NESTEROV: tl.constexpr, FIRST_STEP: tl.constexpr, N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr,
+                CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    buf_ptr = p_ptr
+    if HAS_MOMENTUM:
+        buf_ptr = slot_ptr(row, 2 + HAS_MASTER + HAS_MASK, S_DTYPE, ALIGNED)
+    momentum = f64(momentum)
+    one_m_damp = 1.0 - f64(dampening)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    for i in range((lim - start) // BLOCK):
+        _sgd_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, buf_ptr, scale, lr, momentum, one_m_damp, wd,
+                   l1, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, HAS_MOMENTUM, NESTEROV, FIRST_STEP, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _sgd_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, buf_ptr, scale, lr, momentum, one_m_damp, wd, l1, CD,
+                   HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, HAS_MOMENTUM, NESTEROV, FIRST_STEP, BLOCK)
+
+
+@triton.jit
+def _adam_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr, beta1, beta2, eps, wd,
+                l1, bc1, bc2_sqrt, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE)
+    if DECOUPLED:
+        p = tl.where(wd != 0, p * (1.0 - lr * wd).to(CD), p)
+    else:
+        g = tl.where(wd != 0, tl.fma(p, wd.to(CD), g), g)
+    exp_avg = lerp(_load_state(m_ptr, offs, m, CD), g, (1.0 - beta1).to(CD))
+    exp_avg_sq = tl.fma((1.0 - beta2).to(CD) * g, g, _load_state(v_ptr, offs, m, CD) * beta2.to(CD))
+    _store_state(m_ptr, offs, m, exp_avg, keep, HAS_MASK)
+    _store_state(v_ptr, offs, m, exp_avg_sq, keep, HAS_MASK)
+    if AMSGRAD:
+        v = tl.maximum(_load_state(vmax_ptr, offs, m, CD), exp_avg_sq)
+        _store_state(vmax_ptr, offs, m, v, keep, HAS_MASK)
+    else:
+        v = exp_avg_sq
+    denom = div_rn(sqrt_rn(v, CD), bc2_sqrt.to(CD), CD) + eps.to(CD)
+    p = p + div_rn((-(lr / bc1)).to(CD) * exp_avg, denom, CD)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _adam_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+                 eps: tl.float64, weight_decay: tl.float64, l1: tl.float64, bias_correction1: tl.float64,
+                 bias_correction2_sqrt: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr,
+                 HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr,
+                 HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
+                 N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    v_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    vmax_ptr = m_ptr
+    if AMSGRAD:
+        vmax_ptr = slot_ptr(row, S0 + 2, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    bc1 = f64(bias_correction1)
+    bc2_sqrt = f64(bias_correction2_sqrt)
+    for i in range((lim - start) // BLOCK):
+        _adam_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr, beta1,
+                    beta2, eps, wd, l1, bc1, bc2_sqrt, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED,
+                    AMSGRAD, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _adam_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr, beta1, beta2, eps, wd,
+                    l1, bc1, bc2_sqrt, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED, AMSGRAD, BLOCK)
+
+
+@triton.jit
+def _adagrad_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, sum_ptr, scale, lr, wd, eps, l1, lr_decay_denom,
+                   CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                   MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE)
+    g = tl.where(wd != 0, tl.fma(p, wd.to(CD), g), g)
+    s = tl.fma(g, g, _load_state(sum_ptr, offs, m, CD))
+    _store_state(sum_ptr, offs, m, s, keep, HAS_MASK)
+    std = sqrt_rn(s, CD) + eps.to(CD)
+    p = p + div_rn((-(lr / lr_decay_denom)).to(CD) * g, std, CD)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _adagrad_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, weight_decay: tl.float64, eps: tl.float64,
+                    l1: tl.float64, lr_decay_denom: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                    CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, N_SLOTS: tl.constexpr,
+                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    sum_ptr = slot_ptr(row, 2 + HAS_MASTER + HAS_MASK, S_DTYPE, ALIGNED)
+    wd = f64(weight_decay)
+    eps = f64(eps)
+    l1 = f64(l1)
+    lr_decay_denom = f64(lr_decay_denom)
+    for i in range((lim - start) // BLOCK):
+        _adagrad_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, sum_ptr, scale, lr, wd, eps, l1,
+                       lr_decay_denom, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _adagrad_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, sum_ptr, scale, lr, wd, eps, l1, lr_decay_denom, CD,
+                       HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+
+
+@triton.jit
+def _rmsprop_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, sq_ptr, buf_ptr, ga_ptr, scale, lr, alpha, eps, wd,
+                   momentum, l1, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, HAS_MOMENTUM: tl.constexpr,
+                   CENTERED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE)
+    g = tl.where(wd != 0, tl.fma(p, wd.to(CD), g), g)
+    v = tl.fma((1.0 - alpha).to(CD) * g, g, _load_state(sq_ptr, offs, m, CD) * alpha.to(CD))
+    _store_state(sq_ptr, offs, m, v, keep, HAS_MASK)
+    if CENTERED:
+        ga = lerp(_load_state(ga_ptr, offs, m, CD), g, (1.0 - alpha).to(CD))
+        _store_state(ga_ptr, offs, m, ga, keep, HAS_MASK)
+        avg = sqrt_rn(tl.fma(-ga, ga, v), CD)
+    else:
+        avg = sqrt_rn(v, CD)
+    avg = avg + eps.to(CD)
+    if HAS_MOMENTUM:
+        buf = _load_state(buf_ptr, offs, m, CD) * momentum.to(CD) + div_rn(g, avg, CD)
+        _store_state(buf_ptr, offs, m, buf, keep, HAS_MASK)
+        p = tl.fma(buf, (-lr).to(CD), p)
+    else:
+        p = p + div_rn((-lr).to(CD) * g, avg, CD)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _rmsprop_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, alpha: tl.float64, eps: tl.float64,
+                    weight_decay: tl.float64, momentum: tl.float64, l1: tl.float64, P_DTYPE: tl.constexpr,
+                    S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                    HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    HAS_MOMENTUM: tl.constexpr, CENTERED: tl.constexpr, N_SLOTS: tl.constexpr,
+                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    # states: square_avgs, [momentum_buffers], [grad_avgs]
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    sq_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    buf_ptr = sq_ptr
+    if HAS_MOMENTUM:
+        buf_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    ga_ptr = sq_ptr
+    if CENTERED:
+        ga_ptr = slot_ptr(row, S0 + 1 + HAS_MOMENTUM, S_DTYPE, ALIGNED)
+    alpha = f64(alpha)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    momentum = f64(momentum)
+    l1 = f64(l1)
+    for i in range((lim - start) // BLOCK):
+        _rmsprop_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, sq_ptr, buf_ptr, ga_ptr, scale, lr, alpha,
+                       eps, wd, momentum, l1, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, HAS_MOMENTUM, CENTERED,
+                       BLOCK)
+    for off in range(lim, end, BLOCK):
+        _rmsprop_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, sq_ptr, buf_ptr, ga_ptr, scale, lr, alpha, eps, wd,
+                       momentum, l1, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, HAS_MOMENTUM, CENTERED, BLOCK)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Launchers
+# ---------------------------------------------------------------------------------------------------------------
+
+_PARAM_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
+
+
+def _interpreting():
+    knobs = getattr(triton, "knobs", None)  # Triton >= 3.4; before it, the environment variable itself
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
+
+
+def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf):
+    """Validates the lists (see the module docstring) and returns the table's lists, in slot order (params, grads,
+    [masters], [masks], states...), and the constexprs they imply. `states` maps a name to a list the step uses."""
+    n = len(params)
+    if len(grads) != n:
+        raise ValueError(f"{op}: grads has {len(grads)} tensors, params has {n}")
+    lists = {"params": params, "grads": grads}
+    for name, lst in [("masters", masters), ("masks", masks)]:
+        if len(lst) not in (0, n):
+            raise ValueError(f"{op}: {name} must be empty or have one tensor per param ({n}), got {len(lst)}")
+    for name, lst in states.items():
+        if len(lst) != n:
+            raise ValueError(f"{op}: {name} must have one tensor per param ({n}), got {len(lst)}")
+    if masters:
+        lists["masters"] = masters
+    if masks:
+        lists["masks"] = masks
+    lists.update(states)
+
+    p_dtype = params[0].dtype
+    if p_dtype not in _PARAM_DTYPES:
+        raise TypeError(f"{op}: params must be float32, float64, bfloat16 or float16, got {p_dtype}")
+    if masters and p_dtype not in (torch.bfloat16, torch.float16):
+        raise TypeError(f"{op}: masters are float32 copies of bfloat16/float16 params, but params are {p_dtype}")
+    s_dtype = torch.float32 if masters else p_dtype
+    expected = {"params": p_dtype, "grads": p_dtype, "masters": torch.float32, "masks": torch.bool}
+    device = params[0].device
+    if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
+        raise ValueError(f"{op}: params must be CUDA tensors (CPU tensors need TRITON_INTERPRET=1), got {device}")
+    for name, lst in lists.items():
+        dtype = expected.get(name, s_dtype)
+        for i, t in enumerate(lst):
+            if t.dtype != dtype:
+                raise TypeError(f"{op}: {name}[{i}] must be {dtype}, got {t.dtype}")
+            if t.device != device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, params[0] on {device}")
+            if t.numel() != params[i].numel():
+                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements, params[{i}] has {params[i].numel()}")
+            if not t.is_contiguous():
+                raise ValueError(f"{op}: {name}[{i}] must be contiguous")
+    for name, t in [("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)]:
+        if t is None:
+            continue
+        if t.numel() != 1:
+            raise ValueError(f"{op}: {name} must have one element, got {t.numel()}")
+        if t.device != device:
+            raise ValueError(f"{op}: {name} is on {t.device}, params[0] on {device}")
+        if name != "found_inf" and not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating tensor, got {t.dtype}")
+        if t.dtype.is_complex:
+            raise TypeError(f"{op}: {name} must be a real tensor, got {t.dtype}")
+    flags = {"P_DTYPE": tl_dtype(p_dtype), "S_DTYPE": tl_dtype(s_dtype), "CD": compute_dtype(p_dtype),
+             "HAS_MASTER": bool(masters), "HAS_MASK": bool(masks), "HAS_LR_T": lr_tensor is not None,
+             "HAS_SCALE": grad_scale is not None, "HAS_INF": found_inf is not None}
+    return list(lists.values()), flags
+
+
+def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, dampening, nesterov,
+             weight_decay, maximize, l1, first_step, lr_tensor=None, grad_scale=None, found_inf=None):
+    """SGD (momentum, dampening, nesterov, weight decay) on every tensor of `params`, in place; see the module
+    docstring. momentum_buffers must be full when momentum != 0 (ignored otherwise)."""
+    if not params:
+        return
+    has_momentum = momentum != 0
+    states = {"momentum_buffers": momentum_buffers} if has_momentum else {}
+    lists, flags = _check("sgd_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
+    _multi_tensor.launch(
+        _sgd_kernel, lists,
+        [lr_tensor, grad_scale, found_inf,
+         float(lr), float(momentum), float(dampening), float(weight_decay), float(l1)],
+        MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov) and has_momentum,
+        FIRST_STEP=bool(first_step) and has_momentum, **flags)
+
+
+def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps,
+              weight_decay, decoupled, amsgrad, maximize, l1, bias_correction1, bias_correction2_sqrt,
+              lr_tensor=None, grad_scale=None, found_inf=None):
+    """Adam / AdamW (decoupled) / AMSGrad on every tensor of `params`, in place; see the module docstring.
+    max_exp_avg_sqs must be full when amsgrad (ignored otherwise)."""
+    if not params:
+        return
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    if amsgrad:
+        states["max_exp_avg_sqs"] = max_exp_avg_sqs
+    lists, flags = _check("adam_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
+    _multi_tensor.launch(
+        _adam_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, float(lr), float(beta1), float(beta2), float(eps),
+         float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2_sqrt)],
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), **flags)
+
+
+def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay, eps, maximize, l1, lr_decay_denom,
+                 lr_tensor=None, grad_scale=None, found_inf=None):
+    """Adagrad on every tensor of `params`, in place; see the module docstring. lr_decay_denom is
+    1 + (step - 1) * lr_decay."""
+    if not params:
+        return
+    states = {"state_sums": state_sums}
+    lists, flags = _check("adagrad_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                          found_inf)
+    _multi_tensor.launch(
+        _adagrad_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, float(lr), float(weight_decay), float(eps), float(l1),
+         float(lr_decay_denom)],
+        MAXIMIZE=bool(maximize), **flags)
+
+
+def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, masters, masks, *, lr, alpha, eps,
+                 weight_decay, momentum, centered, maximize, l1, lr_tensor=None, grad_scale=None, found_inf=None):
+    """RMSprop (momentum, centered) on every tensor of `params`, in place; see the module docstring.
+    momentum_buffers must be full when momentum > 0, grad_avgs when centered (each ignored otherwise)."""
+    if not params:
+        return
+    has_momentum = momentum > 0
+    states = {"square_avgs": square_avgs}
+    if has_momentum:
+        states["momentum_buffers"] = momentum_buffers
+    if centered:
+        states["grad_avgs"] = grad_avgs
+    lists, flags = _check("rmsprop_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                          found_inf)
+    _multi_tensor.launch(
+        _rmsprop_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, float(lr), float(alpha), float(eps),
+         float(weight_decay), float(momentum), float(l1)],
+        MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, CENTERED=bool(centered), **flags)
