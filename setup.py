@@ -29,7 +29,7 @@ def _with_cuda():
 
 def _extension():
     arch = os.environ.get("NNOPT_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off"]
+    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if arch:
         cxx.append(f"-march={arch}")
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
