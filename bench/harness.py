@@ -59,6 +59,19 @@ def copy_bandwidth(device, nbytes=None, repeats=15):
     return 2 * n * 4 / t
 
 
+def inplace_bandwidth(device, nbytes=None, repeats=15):
+    """Measured bytes/s of a large in-place pass (``x.mul_(c)``: each byte read once and written back).
+
+    A copy_ also pays a read-for-ownership of its destination on CPUs, so an optimizer step, which writes back
+    what it read, can beat the copy floor; this floor has no such slack.
+    """
+    if nbytes is None:
+        nbytes = (2 << 30) if torch.device(device).type == "cuda" else (512 << 20)
+    x = torch.randn(nbytes // 4, device=device)
+    t = time_providers({"mul_": lambda: x.mul_(1.0000001)}, device, repeats=repeats, inner=2)["mul_"]
+    return 2 * x.numel() * 4 / t
+
+
 def machine():
     """One line naming the machine or card."""
     if torch.cuda.is_available():
