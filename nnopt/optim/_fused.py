@@ -8,13 +8,17 @@ arguments (``_hyper``). Everything else is here, once:
   checkpoints move both ways between torch.optim and nnopt.optim;
 - ``step()`` groups the parameters that have gradients by (device, dtype, step count, mask, master copy) and
   makes one backend call per group: O(1) kernel launches however many tensors;
-- complex parameters run on their real view (as torch does); non-contiguous tensors run on contiguous copies
-  that are written back; sparse gradients follow torch's own path where torch accepts them;
+- complex parameters run on their real view (as torch does); dense non-contiguous ones (transposed,
+  channels_last) as flat views in memory order; others on contiguous copies written back; sparse gradients
+  follow torch's own path where torch accepts them (SGD, Adagrad);
+- the kernel-ready lists are cached per group (a plan) and reused while every parameter, state tensor and
+  mask they hold is the same object; gradients are taken fresh each step;
 - GradScaler: ``grad_scale`` and ``found_inf`` (set on the optimizer by ``GradScaler.step``) go into the kernels,
   which unscale the gradients; a step with a non-finite gradient changes no parameter and no state.
 """
 
 import math
+import operator
 
 import torch
 
@@ -57,29 +61,45 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     # -- torch.optim.Optimizer hooks -----------------------------------------------------------------------
 
+    _supports_sparse = False  # SGD and Adagrad follow torch's own path for sparse gradients
+    _NNOPT_KEYS = ("l1", "master_weights", "backend")
+
     def add_param_group(self, param_group):
-        super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        gi = len(self.param_groups) - 1
-        for i, p in enumerate(group["params"]):
-            if not (p.is_floating_point() or p.is_complex()):
-                raise TypeError(f"{type(self).__name__}: parameter {i} of param group {gi} has dtype {p.dtype}; "
+        """torch's add_param_group, after checking dtypes, duplicates and backend (a rejected group is not added)."""
+        name, gi = type(self).__name__, len(self.param_groups)
+        if not isinstance(param_group, dict):
+            raise TypeError(f"{name}: a param group must be a dict, got {type(param_group).__name__}")
+        params = param_group["params"]
+        params = [params] if isinstance(params, torch.Tensor) else list(params)  # a generator is read once
+        param_group = dict(param_group, params=params)
+        tensors = [p[1] if isinstance(p, tuple) else p for p in params]  # torch also takes (name, param) pairs
+        for i, p in enumerate(tensors):
+            if isinstance(p, torch.Tensor) and not (p.is_floating_point() or p.is_complex()):
+                raise TypeError(f"{name}: parameter {i} of param group {gi} has dtype {p.dtype}; "
                                 "only floating-point and complex parameters can be optimized")
-        if group.get("backend") not in backends.CHOICES + (None,):
-            raise ValueError(f"{type(self).__name__}: unknown backend {group['backend']!r} in param group {gi}")
+        if len({id(p) for p in tensors}) != len(tensors):
+            raise ValueError(f"{name}: param group {gi} holds the same parameter twice")
+        if param_group.get("backend") not in backends.CHOICES + (None,):
+            raise ValueError(f"{name}: unknown backend {param_group['backend']!r} in param group {gi}")
+        super().add_param_group(param_group)
 
     def __setstate__(self, state):
         super().__setstate__(state)
         for group in self.param_groups:
             for key, value in self._group_defaults().items():
                 group.setdefault(key, value)
+        self._plans = {}
 
     def _group_defaults(self):
         return dict(l1=0.0, master_weights=False, backend=None, maximize=False, foreach=None, fused=None,
                     capturable=False, differentiable=False)
 
     def load_state_dict(self, state_dict):
-        """Loads a checkpoint of this optimizer or of its torch.optim twin (and keeps fp32 masters in fp32)."""
+        """Loads a checkpoint of this optimizer or of its torch.optim twin.
+
+        A torch.optim checkpoint has no nnopt keys (l1, master_weights, backend): the groups keep their current
+        values. fp32 masters and fp32 states of bf16/fp16 parameters stay fp32 (torch's loader would cast them).
+        """
         saved = {}
         ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -87,7 +107,12 @@ class FusedOptimizer(torch.optim.Optimizer):
             s = state_dict["state"].get(pid)
             if s is not None:
                 saved[p] = {k: v for k, v in s.items() if isinstance(v, torch.Tensor)}
+        current = [{k: g[k] for k in self._NNOPT_KEYS if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, old, saved_group in zip(self.param_groups, current, state_dict["param_groups"]):
+            for k, v in old.items():
+                if k not in saved_group:
+                    group[k] = v
         for group in self.param_groups:
             fp32 = group["master_weights"]
             for p in group["params"]:
@@ -97,14 +122,25 @@ class FusedOptimizer(torch.optim.Optimizer):
                 if "step" in st and isinstance(st["step"], torch.Tensor):
                     st["step"] = st["step"].detach().to("cpu", torch.float32)
                 if fp32 and p.dtype in (torch.float16, torch.bfloat16):
-                    # torch's loader casts every state to the parameter's dtype: restore fp32 from the checkpoint.
                     for k, v in saved.get(p, {}).items():
                         if k != "step" and v.is_floating_point():
                             st[k] = v.detach().to(device=p.device, dtype=torch.float32).clone()
+        self._plans = {}
+
+    @torch.no_grad()
+    def sync_master_weights(self):
+        """Copies each parameter into its fp32 master. The master is authoritative: call this after writing to
+        a bf16/fp16 parameter outside the optimizer (loading a model checkpoint, clipping weights)."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                master = self.state.get(p, {}).get("master_param")
+                if master is not None:
+                    master.copy_(p)
 
     # -- what a subclass provides ----------------------------------------------------------------------
 
     def _init_state(self, p, group, state):
+        """Creates the state entries that ``state`` lacks (never overwrites one)."""
         raise NotImplementedError
 
     def _state_lists(self, group):
@@ -118,6 +154,16 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _sparse_step(self, group, p, grad, state, lr):
         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
+    def _bucket_extra(self, group, state):
+        """Anything else that must be uniform within one kernel call (SGD: whether the buffer exists yet)."""
+        return None
+
+    def _prepare(self, group, params, extra):
+        """Creates any state the kernel needs before this call (SGD: momentum buffers on the first step)."""
+
+    def _state_dtype(self, p, group):
+        return torch.float32 if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
+
     # -- the step ------------------------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -129,14 +175,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if not hasattr(self, "_plans"):
+            self._plans = {}
         # Validate every group before updating any: a bad input leaves nothing half-updated.
         checked = [self._check(gi, group) for gi, group in enumerate(self.param_groups)]
-        plans = [(plan or self._build_plan(gi, group, grads, has, masks), grads)
-                 for gi, (group, (plan, grads, has, masks)) in enumerate(zip(self.param_groups, checked))]
-        if found_inf is not None and self._has_step and bool(found_inf.item() != 0):
-            # Step counts live on the host (torch's default layout), so a skipped step reads found_inf once.
-            return loss
-        for group, (plan, grads) in zip(self.param_groups, plans):
+        if found_inf is not None:
+            # Step counts live on the host (torch's default layout), and a plan being built may create state
+            # (SGD's first momentum buffers): then a skipped step must be known here, so found_inf is read once.
+            # SGD's steady state and everything inside the kernels read it on the device only.
+            host = self._has_step or any(c[0] is None or c[0].sparse for c in checked)
+            if host and bool(found_inf.item() != 0):
+                return loss
+        for gi, (group, (plan, grads, has, fp)) in enumerate(zip(self.param_groups, checked)):
+            if plan is None:
+                plan = self._build_plan(gi, group, grads, has)
             if plan is not None:
                 self._run(group, plan, grads, grad_scale, found_inf)
         return loss
@@ -149,128 +201,127 @@ class FusedOptimizer(torch.optim.Optimizer):
             return 0.0, lr.detach().reshape(1).to(device=device, dtype=torch.float32)
         return float(lr), None
 
-    def _check(self, gi, group):
-        """(plan, grads, has, masks): the cached plan while nothing it depends on changed, else None (validated).
+    def _fingerprint(self, group, has):
+        """Every object a plan depends on, compared by identity each step: the parameters, their state dicts
+        and state tensors, their masks, and the kernel's configuration."""
+        params = [p for p, h in zip(group["params"], has) if h]
+        states = [self.state.get(p) for p in params]
+        keys = [n for n in self._state_lists(group) if n is not None] + ["master_param", "step"]
+        tensors = [st.get(k) if st is not None else None for st in states for k in keys]
+        masks = [getattr(p, sparsity._ATTR, None) for p in params]
+        config = (tuple(self._state_lists(group)), group["master_weights"], group["l1"] != 0)
+        return params + states + tensors + masks, config
 
-        A plan holds the kernel-ready lists of every bucket except the gradients, which are new tensors after
-        each ``zero_grad()``; it depends on which parameters have gradients, their masks, and the state dict.
-        """
+    def _check(self, gi, group):
+        """(plan or None, grads, has, fingerprint): the cached plan while nothing it depends on changed."""
         params = group["params"]
         grads = [p.grad for p in params]
         has = [g is not None for g in grads]
-        masks = [getattr(p, sparsity._ATTR, None) for p in params]
-        plan = self._plans.get(gi) if hasattr(self, "_plans") else None
-        if (plan is None or plan.has != has or plan.state is not self.state or plan.stale
-                or not all(a is b for a, b in zip(masks, plan.masks))):
-            for i, g in enumerate(grads):
-                if g is not None:
-                    self._validate(gi, i, params[i], g)
-            plan = None
-        return plan, grads, has, masks
+        plan = self._plans.get(id(group))
+        if plan is not None and plan.group is group and plan.has == has and not plan.stale:
+            objs, config = self._fingerprint(group, has)
+            if config == plan.config and len(objs) == len(plan.objs) and all(map(operator.is_, objs, plan.objs)):
+                return plan, grads, has, None
+        for i, g in enumerate(grads):
+            if g is not None:
+                self._validate(gi, i, params[i], g)
+        return None, grads, has, None
 
     def _validate(self, gi, i, p, g):
         name = type(self).__name__
+        where = f"parameter {i} of param group {gi}"
         if g.device != p.device:
-            raise ValueError(f"{name}: parameter {i} of param group {gi} is on {p.device} "
-                             f"but its gradient is on {g.device}")
-        if g.dtype != p.dtype and not g.is_sparse:
-            raise TypeError(f"{name}: parameter {i} of param group {gi} has dtype {p.dtype} "
-                            f"but its gradient has dtype {g.dtype}")
+            raise ValueError(f"{name}: {where} is on {p.device} but its gradient is on {g.device}")
+        if g.is_sparse:
+            if not self._supports_sparse:
+                raise RuntimeError(f"{name} does not support sparse gradients ({where})")
+            if sparsity.get_mask(p) is not None or self.param_groups[gi]["l1"] != 0:
+                raise RuntimeError(f"{name}: {where} has a sparse gradient; masks and l1 need dense gradients")
+        elif g.dtype != p.dtype:
+            raise TypeError(f"{name}: {where} has dtype {p.dtype} but its gradient has dtype {g.dtype}")
         if g.shape != p.shape:
-            raise ValueError(f"{name}: parameter {i} of param group {gi} has shape {tuple(p.shape)} "
-                             f"but its gradient has shape {tuple(g.shape)}")
-        if g.is_sparse and (sparsity.get_mask(p) is not None or self.param_groups[gi]["l1"] != 0):
-            raise RuntimeError(f"{name}: parameter {i} of param group {gi} has a sparse gradient; "
-                               "masks and l1 need dense gradients")
+            raise ValueError(f"{name}: {where} has shape {tuple(p.shape)} but its gradient has shape {tuple(g.shape)}")
+        if p.is_complex() and (sparsity.get_mask(p) is not None or self.param_groups[gi]["l1"] != 0):
+            raise ValueError(f"{name}: {where} is complex; masks and l1 need real parameters")
 
-    def _build_plan(self, gi, group, grads, has, masks):
-        if not hasattr(self, "_plans"):
-            self._plans = {}
-        self._plans.pop(gi, None)
+    def _build_plan(self, gi, group, grads, has):
+        self._plans.pop(id(group), None)
         idx = [i for i, h in enumerate(has) if h]
         if not idx:
             return None
+        params = group["params"]
         master = group["master_weights"]
-        sparse = []
         for i in idx:
-            p = group["params"][i]
+            p = params[i]
             state = self.state[p]
-            if len(state) == 0 or (self._has_step and "step" not in state):
-                self._init_state(p, group, state)
+            self._init_state(p, group, state)
             if master and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.contiguous_format)
-            if grads[i].is_sparse:
-                sparse.append(i)
-        dense = [i for i in idx if i not in set(sparse)]
+                state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
+        sparse = [i for i in idx if grads[i].is_sparse]
+        dense = [i for i in idx if not grads[i].is_sparse]
         steps = None
         if self._has_step and dense:
             # One storage for all step counts: a step adds 1 to every count with one op. Each state["step"]
             # stays a 0-dim CPU float32 tensor of its own (a view of one element), as torch.optim expects.
-            steps = torch.tensor([float(self.state[group["params"][i]]["step"]) for i in dense], dtype=torch.float32)
+            steps = torch.tensor([float(self.state[params[i]]["step"]) for i in dense], dtype=torch.float32)
             for j, i in enumerate(dense):
-                self.state[group["params"][i]]["step"] = steps[j]
+                self.state[params[i]]["step"] = steps[j]
         buckets = {}
         for j, i in enumerate(dense):
-            p = group["params"][i]
+            p = params[i]
             state = self.state[p]
-            key = (p.device, p.dtype, float(steps[j]) if steps is not None else 0.0, masks[i] is not None,
+            key = (p.device, p.dtype, float(steps[j]) if steps is not None else 0.0, sparsity.get_mask(p) is not None,
                    "master_param" in state, self._bucket_extra(group, state))
             buckets.setdefault(key, []).append((i, j))
-        plan = _Plan(has, masks, self.state, sparse, steps)
+        plan = _Plan(group, has, sparse, steps)
         for (device, _, _, masked, has_master, extra), members in buckets.items():
-            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master, masks))
+            self._prepare(group, [params[i] for i, _ in members], extra)
+            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master))
             if extra is False:
                 plan.stale = True  # SGD's first momentum step creates buffers: the next step needs a new plan
-        self._plans[gi] = plan
+        plan.objs, plan.config = self._fingerprint(group, has)
+        self._plans[id(group)] = plan
         return plan
 
-    def _make_bucket(self, group, device, extra, members, masked, has_master, masks):
+    def _make_bucket(self, group, device, extra, members, masked, has_master):
         params = group["params"]
-        self._prepare(group, [(params[i], None, self.state[params[i]], None) for i, _ in members], extra)
         names = self._state_lists(group)
-        cplx = params[members[0][0]].is_complex()
-        if cplx and masked:
-            raise TypeError(f"{type(self).__name__}: complex parameters cannot carry a mask")
-        if cplx and group["l1"] != 0:
-            raise ValueError(f"{type(self).__name__}: l1 is not defined for complex parameters")
-        view = torch.view_as_real if cplx else (lambda t: t)
-        lists = {"params": [view(params[i]) for i, _ in members]}
+        ps = [params[i] for i, _ in members]
+        lists = {"params": ps}
         for n in names:
             if n is not None:
-                lists[n] = [view(self.state[params[i]][n]) for i, _ in members]
-        lists["masters"] = [self.state[params[i]]["master_param"] for i, _ in members] if has_master else []
-        lists["masks"] = [masks[i] for i, _ in members] if masked else []
-        # Kernels take contiguous tensors: a non-contiguous one runs on a contiguous copy written back after.
-        copies = []
-        for key, ts in lists.items():
-            for j, t in enumerate(ts):
-                if not t.is_contiguous():
-                    copies.append((key, j, t))
-        return _Bucket(device, extra, [i for i, _ in members], members[0][1], lists, names, copies, cplx)
+                lists[n] = [self.state[p][n] for p in ps]
+        lists["masters"] = [self.state[p]["master_param"] for p in ps] if has_master else []
+        lists["masks"] = [sparsity.get_mask(p) for p in ps] if masked else []
+        # Complex or non-contiguous parameters are rearranged at each launch (see _layout): only they pay.
+        special = [j for j, p in enumerate(ps)
+                   if p.is_complex() or not all(ts[j].is_contiguous() for ts in lists.values() if ts)]
+        return _Bucket(device, extra, [i for i, _ in members], members[0][1], lists, names, special)
 
     def _run(self, group, plan, grads, grad_scale, found_inf):
         for i in plan.sparse:
             p = group["params"][i]
-            self._sparse_step(group, p, grads[i], self.state[p], self._lr(group, p.device))
+            g = grads[i] if grad_scale is None else grads[i] * (1.0 / float(grad_scale))
+            self._sparse_step(group, p, g, self.state[p], self._lr(group, p.device))
         if plan.steps is not None:
             plan.steps.add_(1)
         for b in plan.buckets:
             self._launch(group, plan, b, grads, grad_scale, found_inf)
 
     def _launch(self, group, plan, b, grads, grad_scale, found_inf):
-        lists = dict(b.lists)
+        lists = b.lists
         gs = [grads[i] for i in b.idx]
-        if b.complex:
-            gs = [torch.view_as_real(g) for g in gs]
-        lists["grads"] = [g if g.is_contiguous() else g.contiguous() for g in gs]
         writeback = []
-        if b.copies:
+        if b.special:
             lists = {k: list(v) for k, v in lists.items()}
-            for key, j, t in b.copies:
-                c = t.contiguous()
-                lists[key][j] = c
-                if key != "masks":
-                    writeback.append((t, c))
+            for j in b.special:
+                keys = [k for k in lists if lists[k]]
+                arranged, wb = _layout({k: lists[k][j] for k in keys}, gs[j])
+                for k in keys:
+                    lists[k][j] = arranged[k]
+                gs[j] = arranged["grads"]
+                writeback += wb
+        lists = dict(lists, grads=[g if g.is_contiguous() else g.contiguous() for g in gs])
         step = float(plan.steps[b.rep]) if plan.steps is not None else 0.0
         lr, lr_tensor = self._lr(group, b.device)
         if grad_scale is not None and grad_scale.device != b.device:
@@ -285,29 +336,61 @@ class FusedOptimizer(torch.optim.Optimizer):
         for dst, src in writeback:
             dst.copy_(src)
 
-    def _bucket_extra(self, group, state):
-        """Anything else that must be uniform within one kernel call (SGD: whether the buffer exists yet)."""
-        return None
 
-    def _prepare(self, group, items, extra):
-        """Creates any state the kernel needs before this call (SGD: momentum buffers on the first step)."""
+def _dense_flat(t):
+    """A 1-D view of ``t`` in memory order when its elements tile its storage span exactly, else None."""
+    if t.dim() == 0:
+        return t.reshape(1)
+    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
+    if span != t.numel() or len(set(st for s, st in zip(t.shape, t.stride()) if s > 1)) != sum(
+            1 for s in t.shape if s > 1):
+        return None
+    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+
+
+def _layout(tensors, grad):
+    """Kernel-ready (contiguous) versions of one parameter's tensors, and the (original, copy) pairs to write back.
+
+    Complex tensors become their real views. When every tensor shares the parameter's dense strides (a
+    transposed or channels_last weight), flat views in memory order are passed: no copy. Otherwise each tensor
+    runs on a contiguous copy, and the mutated ones are written back after the kernel.
+    """
+    tensors = dict(tensors, grads=grad)
+    tensors = {k: torch.view_as_real(t) if t.is_complex() else t for k, t in tensors.items()}
+    if all(t.is_contiguous() for t in tensors.values()):
+        return tensors, []
+    p = tensors["params"]
+    if tensors["grads"].stride() != p.stride():
+        tensors["grads"] = torch.empty_like(p).copy_(tensors["grads"])
+    if all(t.stride() == p.stride() for t in tensors.values()):
+        flat = {k: _dense_flat(t) for k, t in tensors.items()}
+        if all(f is not None for f in flat.values()):
+            return flat, []
+    out, wb = {}, []
+    for k, t in tensors.items():
+        c = t.contiguous()
+        out[k] = c
+        if k not in ("grads", "masks") and c is not t:
+            wb.append((t, c))
+    return out, wb
 
 
 class _Plan:
-    """What one param group's step launches, cached across steps (see FusedOptimizer._plan)."""
+    """What one param group's step launches, cached across steps while its fingerprint holds."""
 
-    def __init__(self, has, masks, state, sparse, steps):
-        self.has, self.masks, self.state, self.sparse, self.steps = has, masks, state, sparse, steps
+    def __init__(self, group, has, sparse, steps):
+        self.group, self.has, self.sparse, self.steps = group, has, sparse, steps
         self.buckets = []
         self.stale = False
+        self.objs, self.config = [], None
 
 
 class _Bucket:
     """One kernel call: parameters sharing device, dtype, step count, mask and master presence."""
 
-    def __init__(self, device, extra, idx, rep, lists, names, copies, complex_):
+    def __init__(self, device, extra, idx, rep, lists, names, special):
         self.device, self.extra, self.idx, self.rep = device, extra, idx, rep
-        self.lists, self.names, self.copies, self.complex = lists, names, copies, complex_
+        self.lists, self.names, self.special = lists, names, special
 
 
 def bias_corrections(beta1, beta2, step):

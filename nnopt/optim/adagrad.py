@@ -12,6 +12,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _op = "adagrad_step"
+    _supports_sparse = True
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None,
@@ -27,10 +28,11 @@ class Adagrad(FusedOptimizer):
                          differentiable=differentiable)
 
     def _init_state(self, p, group, state):
-        dtype = torch.float32 if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        init = group["initial_accumulator_value"]
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["sum"] = torch.full_like(p, init, dtype=dtype, memory_format=torch.preserve_format)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        if "sum" not in state:
+            state["sum"] = torch.full_like(p, group["initial_accumulator_value"], dtype=self._state_dtype(p, group),
+                                           memory_format=torch.preserve_format)
 
     def _state_lists(self, group):
         return ("sum",)

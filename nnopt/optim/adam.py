@@ -34,12 +34,12 @@ class Adam(FusedOptimizer):
         return dict(super()._group_defaults(), amsgrad=False, decoupled_weight_decay=False)
 
     def _init_state(self, p, group, state):
-        dtype = torch.float32 if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if group["amsgrad"]:
-            state["max_exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        dtype = self._state_dtype(p, group)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in ("exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if group["amsgrad"] else ()):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 
     def _state_lists(self, group):
         return ("exp_avg", "exp_avg_sq", "max_exp_avg_sq" if group["amsgrad"] else None)
@@ -62,5 +62,7 @@ class AdamW(Adam):
                          capturable=capturable, differentiable=differentiable, fused=fused,
                          decoupled_weight_decay=True, backend=backend, master_weights=master_weights, l1=l1)
 
-    def _group_defaults(self):
-        return dict(super()._group_defaults(), decoupled_weight_decay=True)
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        for group in self.param_groups:
+            group["decoupled_weight_decay"] = True  # as torch.optim.AdamW: always decoupled

@@ -31,13 +31,11 @@ class RMSprop(FusedOptimizer):
         return dict(super()._group_defaults(), momentum=0, centered=False)
 
     def _init_state(self, p, group, state):
-        dtype = torch.float32 if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) else p.dtype
-        state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["square_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if group["momentum"] > 0:
-            state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-        if group["centered"]:
-            state["grad_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        for key in [k for k in self._state_lists(group) if k is not None]:
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=self._state_dtype(p, group), memory_format=torch.preserve_format)
 
     def _state_lists(self, group):
         return ("square_avg", "momentum_buffer" if group["momentum"] > 0 else None,

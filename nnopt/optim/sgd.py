@@ -15,6 +15,7 @@ class SGD(FusedOptimizer):
 
     _op = "sgd_step"
     _has_step = False
+    _supports_sparse = True
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend=None,
@@ -38,9 +39,10 @@ class SGD(FusedOptimizer):
     def _bucket_extra(self, group, state):
         return ("momentum_buffer" in state) if group["momentum"] != 0 else None
 
-    def _prepare(self, group, items, has_buffer):
+    def _prepare(self, group, params, has_buffer):
         if group["momentum"] != 0 and not has_buffer:
-            for p, _, state, _ in items:
+            for p in params:
+                state = self.state[p]
                 dtype = torch.float32 if "master_param" in state else p.dtype
                 state["momentum_buffer"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
 

@@ -396,3 +396,189 @@ def test_matches_torch_on_cuda(name, kwargs, backend):
         ours.step()
         ref.step()
     assert_same_state(ours, ref, ps, qs)
+
+
+# -- the cached launch plan: every change a user can make between steps is seen -----------------------------
+
+
+def _twins(name, kwargs, backend="cpu", n=4):
+    skip_unless_available(backend, "cpu")
+    ps = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(n)]
+    qs = clone_params(ps)
+    return ps, qs, getattr(nno, name)(ps, backend=backend, **kwargs), torch_twin(name, qs, kwargs)
+
+
+def _steps(ps, qs, ours, ref, k=3, only=None):
+    for _ in range(k):
+        set_grads(ps, qs)
+        if only is not None:
+            for i in range(len(ps)):
+                if i not in only:
+                    ps[i].grad = qs[i].grad = None
+        ours.step()
+        ref.step()
+
+
+def test_plan_sees_replaced_state_tensors_and_dicts():
+    ps, qs, ours, ref = _twins("Adam", dict(lr=0.01))
+    _steps(ps, qs, ours, ref)
+    for o, x in ((ours, ps), (ref, qs)):
+        o.state[x[0]]["exp_avg"] = torch.zeros(5, 3)
+        o.state[x[1]] = {}
+        o.state[x[2]]["step"] = torch.tensor(0.0)
+    _steps(ps, qs, ours, ref)
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_plan_sees_replaced_params_and_grads_on_some_steps():
+    ps, qs, ours, ref = _twins("AdamW", dict(lr=0.01))
+    _steps(ps, qs, ours, ref)
+    _steps(ps, qs, ours, ref, only={0, 2})
+    new_p, new_q = [torch.nn.Parameter(torch.randn(2))], None
+    new_q = clone_params(new_p)
+    ours.param_groups[0]["params"][1] = new_p[0]
+    ref.param_groups[0]["params"][1] = new_q[0]
+    ps[1], qs[1] = new_p[0], new_q[0]
+    _steps(ps, qs, ours, ref)
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("name,change", [("SGD", dict(momentum=0.9)), ("RMSprop", dict(centered=True)),
+                                         ("RMSprop", dict(momentum=0.5)), ("Adam", dict(amsgrad=True))])
+def test_plan_sees_changed_options(name, change):
+    """Options that add state take effect on the next step (torch raises KeyError for the last three; nnopt
+    creates the missing state, so only nnopt's reference is compared there)."""
+    ps, qs, ours, ref = _twins(name, dict(lr=0.01))
+    if name != "SGD":
+        ref = getattr(nno, name)(qs, backend="torch", lr=0.01)
+    _steps(ps, qs, ours, ref)
+    for o in (ours, ref):
+        o.param_groups[0].update(change)
+    _steps(ps, qs, ours, ref)
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_plan_sees_new_masks_and_replaced_data():
+    ps, qs, ours, ref = _twins("AdamW", dict(lr=0.01))
+    _steps(ps, qs, ours, ref)
+    mask = torch.rand(5, 3) > 0.5
+    sparsity.set_mask(ps[0], mask)
+    ref_m = getattr(nno, "AdamW")(qs, backend="torch", lr=0.01)
+    ref_m.load_state_dict(copy.deepcopy(ref.state_dict()))
+    sparsity.set_mask(qs[0], mask.clone())
+    _steps(ps, qs, ours, ref_m)
+    assert (ps[0][~mask] == 0).all()
+    with torch.no_grad():
+        for x in (ps, qs):
+            x[1].data = torch.randn(5, 3, generator=torch.Generator().manual_seed(3))
+    _steps(ps, qs, ours, ref_m)
+    assert_same_state(ours, ref_m, ps, qs)
+
+
+def test_layouts_transposed_channels_last_and_strided():
+    """Dense non-contiguous params (transposed, channels_last) and strided views all match torch."""
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    twin = copy.deepcopy(conv)
+    ours, ref = nno.AdamW(conv.parameters(), lr=0.01), torch.optim.AdamW(twin.parameters(), lr=0.01, foreach=False)
+    x = torch.randn(2, 3, 9, 9).to(memory_format=torch.channels_last)
+    for _ in range(4):
+        for m, o in ((conv, ours), (twin, ref)):
+            o.zero_grad()
+            m(x).square().mean().backward()
+            o.step()
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+    assert_same_state(ours, ref, list(conv.parameters()), list(twin.parameters()))
+
+
+def test_launches_stay_one_per_group_across_steps(monkeypatch):
+    from nnopt import backends
+
+    calls = []
+    real = backends.implementation
+    monkeypatch.setattr(backends, "implementation",
+                        lambda f, n: type("W", (), {"adam_step": lambda self, *a, **k: (calls.append(1),
+                                                                                     real(f, n).adam_step(*a, **k))})())
+    ps = [torch.nn.Parameter(torch.randn(3)) for _ in range(200)]
+    opt = nno.AdamW(ps, backend="torch")
+    for step in range(3):
+        set_grads(ps)
+        opt.param_groups[0]["lr"] = 0.01 * (step + 1)
+        opt.step()
+    assert len(calls) == 3
+
+
+def test_sgd_first_step_skipped_by_grad_scaler_matches_torch():
+    """A skipped first momentum step must leave SGD's next step a first step (buf = g), with dampening too."""
+    ps, qs, ours, ref = _twins("SGD", dict(lr=0.1, momentum=0.9, dampening=0.5))
+    for step in range(4):
+        set_grads(ps, qs)
+        # What GradScaler.step sets on an optimizer that supports AMP scaling (torch's for-loop SGD does not).
+        ours.grad_scale, ours.found_inf = torch.tensor(1.0), torch.tensor(1.0 if step == 0 else 0.0)
+        if step == 0:
+            ref_state = copy.deepcopy(ref.state_dict())
+        ours.step()
+        if step > 0:
+            ref.step()
+    assert ref_state["state"] == {} and all("momentum_buffer" in ours.state[p] for p in ps)
+    del ours.grad_scale, ours.found_inf
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_sparse_gradient_with_grad_scale():
+    emb = torch.nn.Embedding(10, 4, sparse=True)
+    twin = copy.deepcopy(emb)
+    ours, ref = nno.SGD(emb.parameters(), lr=0.1), torch.optim.SGD(twin.parameters(), lr=0.1)
+    idx = torch.tensor([1, 3, 3, 7])
+    emb(idx).sum().mul(8.0).backward()
+    twin(idx).sum().backward()
+    ours.grad_scale, ours.found_inf = torch.tensor(8.0), torch.tensor(0.0)
+    ours.step()
+    ref.step()
+    assert_close(emb.weight.detach(), twin.weight.detach())
+    ours.found_inf = torch.tensor(1.0)
+    before = emb.weight.detach().clone()
+    ours.step()
+    assert torch.equal(before, emb.weight.detach())
+
+
+def test_sparse_gradient_in_a_later_group_leaves_nothing_half_updated():
+    good = torch.nn.Parameter(torch.randn(4))
+    emb = torch.nn.Embedding(5, 2, sparse=True)
+    opt = nno.Adam([{"params": [good]}, {"params": emb.parameters()}])
+    good.grad = torch.randn(4)
+    emb(torch.tensor([1])).sum().backward()
+    before = good.detach().clone()
+    with pytest.raises(RuntimeError, match="Adam does not support sparse gradients"):
+        opt.step()
+    assert torch.equal(good, before) and len(opt.state[good]) == 0
+
+
+def test_rejected_param_group_is_not_added():
+    opt = nno.SGD([torch.nn.Parameter(torch.randn(2))], lr=0.1)
+    with pytest.raises(TypeError, match="dtype torch.int64"):
+        opt.add_param_group({"params": [torch.zeros(2, dtype=torch.long)]})
+    p = torch.nn.Parameter(torch.randn(2))
+    with pytest.raises(ValueError, match="same parameter twice"):
+        opt.add_param_group({"params": [p, p]})
+    assert len(opt.param_groups) == 1
+
+
+def test_torch_checkpoint_keeps_nnopt_options():
+    ps = [torch.nn.Parameter(torch.randn(4, dtype=torch.bfloat16))]
+    theirs = torch.optim.AdamW([torch.nn.Parameter(p.detach().clone()) for p in ps])
+    ours = nno.AdamW(ps, master_weights=True, l1=0.01, backend="torch")
+    ours.load_state_dict(theirs.state_dict())
+    g = ours.param_groups[0]
+    assert (g["master_weights"], g["l1"], g["backend"], g["decoupled_weight_decay"]) == (True, 0.01, "torch", True)
+
+
+def test_sync_master_weights():
+    p = torch.nn.Parameter(torch.randn(6, dtype=torch.bfloat16))
+    opt = nno.SGD([p], lr=0.1, master_weights=True)
+    p.grad = torch.zeros_like(p)
+    opt.step()
+    with torch.no_grad():
+        p.fill_(7)
+    opt.sync_master_weights()
+    opt.step()
+    assert (p == 7).all()
