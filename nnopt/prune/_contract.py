@@ -1,0 +1,140 @@
+"""The mask contract every nnopt pruning method shares.
+
+A pruned parameter ``module.<name>`` keeps being the module's own ``nn.Parameter`` and holds exact zeros at
+pruned entries; a bool buffer ``module.<name>_mask`` (True = kept) sits beside it and is the parameter's mask in
+the registry (``nnopt.sparsity``), so nnopt optimizers and layers apply it inside their kernels. For any other
+optimizer a gradient hook zeroes the pruned entries of the gradient. Forward runs at dense speed: no hook
+recomputes the weight.
+
+Copies: ``copy.deepcopy`` and pickling copy the buffers and the module's ``_MaskLink`` forward pre-hook, but
+not the per-tensor registry attribute or gradient hook; the link re-attaches them on the first forward of the
+copy (an identity check per pruned tensor otherwise), and ``relink(model)`` does it at once.
+"""
+
+import torch
+
+from nnopt import sparsity
+
+MASK_SUFFIX = "_mask"
+
+
+class _MaskLink:
+    """Forward pre-hook that keeps each pruned tensor of its module linked to its mask buffer."""
+
+    def __init__(self):
+        self.names = []
+        self.handles = {}  # name -> gradient-hook handle; not copied or pickled (the copy relinks itself)
+
+    def __call__(self, module, args):
+        for name in self.names:
+            link(module, name)
+
+    def __getstate__(self):
+        return {"names": list(self.names)}
+
+    def __setstate__(self, state):
+        self.names, self.handles = state["names"], {}
+
+
+def _link_of(module):
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, _MaskLink):
+            return hook
+    return None
+
+
+def _zero_pruned_grad(grad, module, name):
+    mask = module._buffers.get(name + MASK_SUFFIX)
+    return grad if mask is None else grad.masked_fill(~mask, 0)
+
+
+def link(module, name):
+    """(Re)attaches the registry entry and the gradient hook of ``module.<name>`` to its mask buffer."""
+    param = getattr(module, name)
+    mask = module._buffers[name + MASK_SUFFIX]
+    hook = _link_of(module)
+    if sparsity.get_mask(param) is not mask or (hook is not None and name not in hook.handles):
+        sparsity.set_mask(param, mask)
+        if hook is not None and param.requires_grad:
+            old = hook.handles.pop(name, None)
+            if old is not None:
+                old.remove()
+            hook.handles[name] = param.register_hook(lambda g, m=module, n=name: _zero_pruned_grad(g, m, n))
+
+
+def get_param(module, name):
+    """``module.<name>`` as a floating-point tensor; the errors torch.nn.utils.prune raises otherwise."""
+    if not isinstance(module, torch.nn.Module):
+        raise TypeError(f"module must be an nn.Module, got {type(module).__name__}")
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a str, got {type(name).__name__}")
+    if name not in module._parameters and name not in module._buffers:
+        raise AttributeError(f"Parameter '{name}' of module {type(module).__name__} has to be pruned "
+                             "but it does not exist")
+    t = getattr(module, name)
+    if not (t.is_floating_point()):
+        raise TypeError(f"Parameter '{name}' of module {type(module).__name__} has dtype {t.dtype}; "
+                        "only floating-point tensors can be pruned")
+    return t
+
+
+def current_mask(module, name):
+    """The bool mask of ``module.<name>`` (all True when it is not pruned yet)."""
+    mask = module._buffers.get(name + MASK_SUFFIX)
+    return mask if mask is not None else torch.ones_like(getattr(module, name), dtype=torch.bool)
+
+
+@torch.no_grad()
+def apply_mask(module, name, mask):
+    """Prunes ``module.<name>`` to ``mask`` (bool, True = kept): zeroes pruned entries, stores the buffer, links."""
+    t = get_param(module, name)
+    mask = mask.to(device=t.device, dtype=torch.bool)
+    if mask.shape != t.shape:
+        raise ValueError(f"mask shape {tuple(mask.shape)} differs from {name}'s shape {tuple(t.shape)}")
+    key = name + MASK_SUFFIX
+    if key in module._buffers:
+        module._buffers[key].copy_(mask)  # in place: optimizers and layers holding the mask see the change
+    else:
+        module.register_buffer(key, mask.clone())
+    t.masked_fill_(~module._buffers[key], 0)
+    hook = _link_of(module)
+    if hook is None:
+        hook = _MaskLink()
+        module.register_forward_pre_hook(hook)
+    if name not in hook.names:
+        hook.names.append(name)
+    link(module, name)
+    return module
+
+
+def remove_mask(module, name):
+    """Makes the pruning of ``module.<name>`` permanent: zeros stay, the mask buffer, hook and link go."""
+    key = name + MASK_SUFFIX
+    if key not in module._buffers:
+        raise ValueError(f"Parameter '{name}' of module {type(module).__name__} has to be pruned before "
+                         "pruning can be removed")
+    param = getattr(module, name)
+    del module._buffers[key]
+    sparsity.clear_mask(param)
+    hook = _link_of(module)
+    if hook is not None:
+        handle = hook.handles.pop(name, None)
+        if handle is not None:
+            handle.remove()
+        if name in hook.names:
+            hook.names.remove(name)
+    return module
+
+
+def pruned_names(module):
+    """Names of the tensors of ``module`` (not its children) pruned under this contract."""
+    hook = _link_of(module)
+    return list(hook.names) if hook is not None else []
+
+
+def relink(model):
+    """Re-attaches every pruned tensor of ``model`` to its mask (done lazily by the first forward anyway)."""
+    for module in model.modules():
+        for name in pruned_names(module):
+            link(module, name)
+    return model
