@@ -345,23 +345,20 @@ def _interpreting():
 
 
 def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf):
-    """Validates the lists (see the module docstring) and returns the table's lists, in slot order (params, grads,
-    [masters], [masks], states...), and the constexprs they imply. `states` maps a name to a list the step uses."""
+    """Validates what is per call (list lengths, the params' dtype and device, the one-element tensors) and returns
+    the table's lists in slot order (params, grads, [masters], [masks], states...) with the `launch` keywords that
+    check them per tensor (op, list names, expected dtypes: `_multi_tensor._table` checks dtypes, devices, numels and
+    contiguity on a table-cache miss, addresses, numels and dtypes on a hit), and the constexprs they imply.
+    `states` maps a name to a list the step uses."""
     n = len(params)
     if len(grads) != n:
         raise ValueError(f"{op}: grads has {len(grads)} tensors, params has {n}")
-    lists = {"params": params, "grads": grads}
-    for name, lst in [("masters", masters), ("masks", masks)]:
+    for name, lst in (("masters", masters), ("masks", masks)):
         if len(lst) not in (0, n):
             raise ValueError(f"{op}: {name} must be empty or have one tensor per param ({n}), got {len(lst)}")
     for name, lst in states.items():
         if len(lst) != n:
             raise ValueError(f"{op}: {name} must have one tensor per param ({n}), got {len(lst)}")
-    if masters:
-        lists["masters"] = masters
-    if masks:
-        lists["masks"] = masks
-    lists.update(states)
 
     p_dtype = params[0].dtype
     if p_dtype not in _PARAM_DTYPES:
@@ -369,22 +366,17 @@ def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, fou
     if masters and p_dtype not in (torch.bfloat16, torch.float16):
         raise TypeError(f"{op}: masters are float32 copies of bfloat16/float16 params, but params are {p_dtype}")
     s_dtype = torch.float32 if masters else p_dtype
-    expected = {"params": p_dtype, "grads": p_dtype, "masters": torch.float32, "masks": torch.bool}
     device = params[0].device
     if device.type != "cuda" and not (device.type == "cpu" and _interpreting()):
         raise ValueError(f"{op}: params must be CUDA tensors (CPU tensors need TRITON_INTERPRET=1), got {device}")
-    for name, lst in lists.items():
-        dtype = expected.get(name, s_dtype)
-        for i, t in enumerate(lst):
-            if t.dtype != dtype:
-                raise TypeError(f"{op}: {name}[{i}] must be {dtype}, got {t.dtype}")
-            if t.device != device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, params[0] on {device}")
-            if t.numel() != params[i].numel():
-                raise ValueError(f"{op}: {name}[{i}] has {t.numel()} elements, params[{i}] has {params[i].numel()}")
-            if not t.is_contiguous():
-                raise ValueError(f"{op}: {name}[{i}] must be contiguous")
-    for name, t in [("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)]:
+    lists, names, dtypes = [params, grads], ["params", "grads"], [p_dtype, p_dtype]
+    if masters:
+        lists.append(masters), names.append("masters"), dtypes.append(torch.float32)
+    if masks:
+        lists.append(masks), names.append("masks"), dtypes.append(torch.bool)
+    for name, lst in states.items():
+        lists.append(lst), names.append(name), dtypes.append(s_dtype)
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is None:
             continue
         if t.numel() != 1:
@@ -398,7 +390,7 @@ def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, fou
     flags = {"P_DTYPE": tl_dtype(p_dtype), "S_DTYPE": tl_dtype(s_dtype), "CD": compute_dtype(p_dtype),
              "HAS_MASTER": bool(masters), "HAS_MASK": bool(masks), "HAS_LR_T": lr_tensor is not None,
              "HAS_SCALE": grad_scale is not None, "HAS_INF": found_inf is not None}
-    return list(lists.values()), flags
+    return lists, {"op": op, "names": names, "dtypes": dtypes}, flags
 
 
 def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, dampening, nesterov,
@@ -409,13 +401,13 @@ def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, d
         return
     has_momentum = momentum != 0
     states = {"momentum_buffers": momentum_buffers} if has_momentum else {}
-    lists, flags = _check("sgd_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
+    lists, check, flags = _check("sgd_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
     _multi_tensor.launch(
         _sgd_kernel, lists,
         [lr_tensor, grad_scale, found_inf,
          float(lr), float(momentum), float(dampening), float(weight_decay), float(l1)],
         MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, NESTEROV=bool(nesterov) and has_momentum,
-        FIRST_STEP=bool(first_step) and has_momentum, **flags)
+        FIRST_STEP=bool(first_step) and has_momentum, **check, **flags)
 
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps,
@@ -428,12 +420,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, ma
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
-    lists, flags = _check("adam_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
+    lists, check, flags = _check("adam_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
     _multi_tensor.launch(
         _adam_kernel, lists,
         [lr_tensor, grad_scale, found_inf, float(lr), float(beta1), float(beta2), float(eps),
          float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2_sqrt)],
-        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), **flags)
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), **check, **flags)
 
 
 def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay, eps, maximize, l1, lr_decay_denom,
@@ -443,13 +435,13 @@ def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay,
     if not params:
         return
     states = {"state_sums": state_sums}
-    lists, flags = _check("adagrad_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+    lists, check, flags = _check("adagrad_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
                           found_inf)
     _multi_tensor.launch(
         _adagrad_kernel, lists,
         [lr_tensor, grad_scale, found_inf, float(lr), float(weight_decay), float(eps), float(l1),
          float(lr_decay_denom)],
-        MAXIMIZE=bool(maximize), **flags)
+        MAXIMIZE=bool(maximize), **check, **flags)
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, masters, masks, *, lr, alpha, eps,
@@ -464,10 +456,10 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, master
         states["momentum_buffers"] = momentum_buffers
     if centered:
         states["grad_avgs"] = grad_avgs
-    lists, flags = _check("rmsprop_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+    lists, check, flags = _check("rmsprop_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
                           found_inf)
     _multi_tensor.launch(
         _rmsprop_kernel, lists,
         [lr_tensor, grad_scale, found_inf, float(lr), float(alpha), float(eps),
          float(weight_decay), float(momentum), float(l1)],
-        MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, CENTERED=bool(centered), **flags)
+        MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, CENTERED=bool(centered), **check, **flags)
