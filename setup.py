@@ -29,7 +29,7 @@ def _with_cuda():
 
 def _extension():
     arch = os.environ.get("NNOPT_CPU_ARCH", "native")
-    cxx = ["-O3", "-std=c++17", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
+    cxx = ["-O3", "-std=c++20", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
     if arch:
         cxx.append(f"-march={arch}")
     sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
@@ -39,7 +39,7 @@ def _extension():
         extra_link_args=["-fopenmp"],
     )
     if _with_cuda():
-        nvcc = ["-O3", "-std=c++17", "-lineinfo", "-fmad=false"]
+        nvcc = ["-O3", "-std=c++20", "-lineinfo", "-fmad=false"]
         return cpp_extension.CUDAExtension(
             sources=sources + _sources("csrc/cuda/*.cu"),
             define_macros=[("NNOPT_WITH_CUDA", "1")],

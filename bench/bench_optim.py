@@ -145,6 +145,9 @@ def run(device="cpu", models=("many", "large"), quick=False, record=True, repeat
                                     (min(base) / t) if base else None, best_torch / t))
             print(f"  {model:5s} {label:13s} " + "  ".join(f"{k}={1e3 * t:.2f}ms" for k, t in times.items()),
                   flush=True)
+            provs = None  # free this case's copies before the next case builds its own (1B params on a GPU)
+            if torch.device(device).type == "cuda":
+                torch.cuda.empty_cache()
         cols = ["optimizer", "provider", "ms/step", "x floor", "x in-place floor", "speedup vs torch fused",
                 "speedup vs best torch"]
         sections.append(f"### {model}: {n / 1e6:.1f}M parameters in {len(ps)} tensors, fp32, {device}\n\n"

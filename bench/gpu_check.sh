@@ -21,7 +21,7 @@ $PY -m nnopt info 2>&1 | tee "$LOG/info.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG/info.txt"
 
 echo "== GPU tests"
-timeout 300 $PY -m pytest tests/kernels tests/optim -q -x -k "cuda or gpu" -p no:cacheprovider \
+timeout 300 $PY -m pytest tests/kernels tests/optim -q -rs --durations=15 -k "cuda or gpu" -p no:cacheprovider \
   >"$LOG/tests.log" 2>&1
 rc=$?
 tail -25 "$LOG/tests.log"
