@@ -36,6 +36,15 @@ TORCH_LIBRARY(nnopt, m) {
       "Tensor(c!)[] momentum_buffers, Tensor(d!)[] grad_avgs, Tensor(e!)[] masters, Tensor[] masks, *, "
       "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, "
       "float l1, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+
+  // Radix-select histogram (family: select), the primitive of nnopt/prune/_select.py: adds to hist (int64,
+  // 2^bits bins, the scores' device) the count of eligible entries (mask true; a None mask = all) per value of
+  // the field (key >> shift) & (2^bits - 1) of their order key (key_bits = 16, 32, 64), among the entries whose
+  // key bits above the field equal prefix. magnitude: keys of |score| (L1 pruning without an abs() copy).
+  // Scores and masks contiguous, one device; any floating dtype.
+  m.def(
+      "select_histogram_(Tensor(a!) hist, Tensor[] scores, Tensor?[] masks, int key_bits, int shift, int bits, "
+      "int prefix, bool magnitude=False) -> ()");
 }
 
 // `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.

@@ -11,6 +11,7 @@ import torch
 # Every op's name in the `nnopt` library, by family; the schemas live in csrc/ops.cpp.
 OPS = {
     "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
+    "select": ("select_histogram",),
 }
 
 
@@ -36,6 +37,8 @@ def _register_fakes():
     # The fused optimizer steps mutate their inputs and return nothing: their fake kernels do nothing.
     for name in OPS["fused_optim"]:
         torch.library.register_fake(f"nnopt::{name}_")(_noop)
+    # The select histogram adds into its `hist` argument in place and returns nothing.
+    torch.library.register_fake("nnopt::select_histogram_")(_noop)
 
 
 def _noop(*args, **kwargs):

@@ -22,6 +22,7 @@ CHOICES = BACKENDS + ("auto",)
 # auto's order per family and device type, fastest first, from the measurements in bench/RESULTS.md.
 AUTO_ORDER = {
     "fused_optim": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    "select": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
 }
 
 _current = contextvars.ContextVar("nnopt_backend", default=None)

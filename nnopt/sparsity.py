@@ -24,9 +24,14 @@ def set_mask(param, mask):
     if param.is_complex():
         raise TypeError("set_mask: complex parameters cannot carry a mask")
     with torch.no_grad():
-        param.masked_fill_(~mask, 0)
+        zero_pruned_(param, mask)
     setattr(param, _ATTR, mask)
     return mask
+
+
+def zero_pruned_(tensor, mask):
+    """Sets the entries of ``tensor`` where ``mask`` is False to 0, in place, with no temporary the tensor's size."""
+    return torch.where(mask, tensor, torch.zeros((), dtype=tensor.dtype, device=tensor.device), out=tensor)
 
 
 def get_mask(param):

@@ -4,7 +4,9 @@ A pruned parameter ``module.<name>`` keeps being the module's own ``nn.Parameter
 pruned entries; a bool buffer ``module.<name>_mask`` (True = kept) sits beside it and is the parameter's mask in
 the registry (``nnopt.sparsity``), so nnopt optimizers and layers apply it inside their kernels. For any other
 optimizer a gradient hook zeroes the pruned entries of the gradient. Forward runs at dense speed: no hook
-recomputes the weight.
+recomputes the weight. A gradient hook alone cannot hold the zeros under an optimizer with momentum or weight
+decay (its state moves a pruned entry again), so after each step of a torch.optim optimizer a global step hook
+re-zeroes the pruned entries of that optimizer's masked parameters; nnopt optimizers do it in their kernels.
 
 Copies: ``copy.deepcopy`` and pickling copy the buffers and the module's ``_MaskLink`` forward pre-hook, but
 not the per-tensor registry attribute or gradient hook; the link re-attaches them on the first forward of the
@@ -36,6 +38,30 @@ class _MaskLink:
         self.names, self.handles = state["names"], {}
 
 
+_STEP_HOOK = None
+
+
+def _rezero_after_step(optimizer, args, kwargs):
+    from nnopt.optim._fused import FusedOptimizer
+
+    if isinstance(optimizer, FusedOptimizer):
+        return
+    with torch.no_grad():
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                mask = sparsity.get_mask(p)
+                if mask is not None:
+                    sparsity.zero_pruned_(p, mask)
+
+
+def _ensure_step_hook():
+    global _STEP_HOOK
+    if _STEP_HOOK is None:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        _STEP_HOOK = register_optimizer_step_post_hook(_rezero_after_step)
+
+
 def _link_of(module):
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, _MaskLink):
@@ -52,6 +78,7 @@ def link(module, name):
     """(Re)attaches the registry entry and the gradient hook of ``module.<name>`` to its mask buffer."""
     param = getattr(module, name)
     mask = module._buffers[name + MASK_SUFFIX]
+    _ensure_step_hook()
     hook = _link_of(module)
     if sparsity.get_mask(param) is not mask or (hook is not None and name not in hook.handles):
         sparsity.set_mask(param, mask)
@@ -85,18 +112,21 @@ def current_mask(module, name):
 
 
 @torch.no_grad()
-def apply_mask(module, name, mask):
-    """Prunes ``module.<name>`` to ``mask`` (bool, True = kept): zeroes pruned entries, stores the buffer, links."""
+def apply_mask(module, name, mask, copy=True):
+    """Prunes ``module.<name>`` to ``mask`` (bool, True = kept): zeroes pruned entries, stores the buffer, links.
+
+    ``copy=False`` lets a fresh mask become the buffer itself (no second copy of a large mask)."""
     t = get_param(module, name)
     mask = mask.to(device=t.device, dtype=torch.bool)
     if mask.shape != t.shape:
         raise ValueError(f"mask shape {tuple(mask.shape)} differs from {name}'s shape {tuple(t.shape)}")
     key = name + MASK_SUFFIX
     if key in module._buffers:
-        module._buffers[key].copy_(mask)  # in place: optimizers and layers holding the mask see the change
+        if module._buffers[key] is not mask:
+            module._buffers[key].copy_(mask)  # in place: optimizers and layers holding the mask see the change
     else:
-        module.register_buffer(key, mask.clone())
-    t.masked_fill_(~module._buffers[key], 0)
+        module.register_buffer(key, mask.clone() if copy else mask)
+    sparsity.zero_pruned_(t, module._buffers[key])
     hook = _link_of(module)
     if hook is None:
         hook = _MaskLink()
