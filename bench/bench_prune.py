@@ -65,45 +65,53 @@ def run_one(provider, layers, width):
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(*[torch.nn.Linear(width, width) for _ in range(layers)])
-    pairs = [(m, "weight") for m in model]
     weights = [m.weight for m in model]
     n = sum(w.numel() for w in weights)
     k = round(AMOUNT * n)
     if provider != "torch":  # imports and the extension load are not part of the call
-        import nnopt.prune
         from nnopt import _ext
 
         _ext.load()
+
+    def call(model, weights, k):
+        pairs = [(m, "weight") for m in model]
+        masks = []
+        if provider == "torch":
+            torch.nn.utils.prune.global_unstructured(pairs, torch.nn.utils.prune.L1Unstructured, amount=AMOUNT)
+            masks = [m.weight_mask.bool() for m in model]
+        elif provider == "nnopt.global":
+            import nnopt.prune
+
+            nnopt.prune.global_unstructured(pairs, torch.nn.utils.prune.L1Unstructured, amount=AMOUNT)
+            masks = [m.weight_mask for m in model]
+        else:
+            from nnopt.prune._select import kth_smallest
+
+            kind, backend = provider.split(" ")
+            with torch.no_grad():
+                tau, n_less = kth_smallest([w.detach() for w in weights], None, k, backend=backend, magnitude=True)
+                masks = []
+                if kind == "select+mask":
+                    ties = k - n_less  # entries equal to tau to prune: the first ones, in order
+                    for w in weights:
+                        keep = torch.empty(w.shape, dtype=torch.bool)
+                        wf, kf = w.detach().reshape(-1), keep.view(-1)
+                        for s in range(0, wf.numel(), SLICE):
+                            a = wf[s:s + SLICE].abs()
+                            torch.gt(a, tau, out=kf[s:s + SLICE])
+                            eq = (a == tau).nonzero().flatten()[ties:]  # tied entries beyond the quota stay
+                            ties = max(0, ties - int((a == tau).sum()))
+                            kf[s:s + SLICE][eq] = True
+                        masks.append(keep)
+        return masks
+
+    # Warm-up on a small model: the first use of each op faults its code pages into RSS, which is not data memory.
+    small = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(2)])
+    call(small, [m.weight for m in small], round(AMOUNT * 2 * 64 * 64))
     exact_peak = _reset_peak()
     rss0, hwm0 = _status("VmRSS"), _status("VmHWM")
     t0 = time.perf_counter()
-    if provider == "torch":
-        torch.nn.utils.prune.global_unstructured(pairs, torch.nn.utils.prune.L1Unstructured, amount=AMOUNT)
-        masks = [m.weight_mask.bool() for m in model]
-    elif provider == "nnopt.global":
-        import nnopt.prune
-
-        nnopt.prune.global_unstructured(pairs, torch.nn.utils.prune.L1Unstructured, amount=AMOUNT)
-        masks = [m.weight_mask for m in model]
-    else:
-        from nnopt.prune._select import kth_smallest
-
-        kind, backend = provider.split(" ")
-        with torch.no_grad():
-            tau, n_less = kth_smallest([w.detach() for w in weights], None, k, backend=backend, magnitude=True)
-            masks = []
-            if kind == "select+mask":
-                ties = k - n_less  # entries equal to tau to prune: the first ones, in order
-                for w in weights:
-                    keep = torch.empty(w.shape, dtype=torch.bool)
-                    wf, kf = w.detach().reshape(-1), keep.view(-1)
-                    for s in range(0, wf.numel(), SLICE):
-                        a = wf[s:s + SLICE].abs()
-                        torch.gt(a, tau, out=kf[s:s + SLICE])
-                        eq = (a == tau).nonzero().flatten()[ties:]  # tied entries beyond the quota stay
-                        ties = max(0, ties - int((a == tau).sum()))
-                        kf[s:s + SLICE][eq] = True
-                    masks.append(keep)
+    masks = call(model, weights, k)
     seconds = time.perf_counter() - t0
     peak = max(_status("VmHWM"), hwm0 if not exact_peak else 0)
     digest, pruned = _digest(masks) if masks else ("", k)

@@ -23,7 +23,7 @@ from nnopt.prune.methods import check_amount
 from nnopt.prune._select import kth_smallest
 
 
-_SLICE = 1 << 20  # entries per slice of the masking pass: temporaries stay a few MB whatever the model size
+_SLICE = 1 << 18  # entries per slice of the masking pass: temporaries stay a few MB whatever the model size
 
 
 @torch.no_grad()
