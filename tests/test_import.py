@@ -6,7 +6,7 @@ import sys
 
 def test_import_is_lean():
     code = (
-        "import sys, torch, nnopt, nnopt.optim, nnopt.sparsity\n"
+        "import sys, torch, nnopt, nnopt.optim, nnopt.sparsity, nnopt.prune\n"
         "assert 'triton' not in sys.modules, 'triton imported'\n"
         "assert 'nnopt._C' not in sys.modules, 'extension loaded'\n"
         "assert 'nnopt.kernels' not in sys.modules, 'kernels imported'\n"
