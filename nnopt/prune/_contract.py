@@ -62,6 +62,15 @@ def _ensure_step_hook():
         _STEP_HOOK = register_optimizer_step_post_hook(_rezero_after_step)
 
 
+class _ZeroAfterLoad:
+    """load_state_dict post-hook: a loaded weight (dense pretrained weights, a rewind) is pruned again at once."""
+
+    def __call__(self, module, incompatible_keys):
+        with torch.no_grad():
+            for name in pruned_names(module):
+                sparsity.zero_pruned_(getattr(module, name), module._buffers[name + MASK_SUFFIX])
+
+
 def _link_of(module):
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, _MaskLink):
@@ -80,7 +89,7 @@ def link(module, name):
     mask = module._buffers[name + MASK_SUFFIX]
     _ensure_step_hook()
     hook = _link_of(module)
-    if sparsity.get_mask(param) is not mask or (hook is not None and name not in hook.handles):
+    if sparsity.get_mask(param) is not mask or (hook is not None and param.requires_grad and name not in hook.handles):
         sparsity.set_mask(param, mask)
         if hook is not None and param.requires_grad:
             old = hook.handles.pop(name, None)
@@ -131,6 +140,7 @@ def apply_mask(module, name, mask, copy=True):
     if hook is None:
         hook = _MaskLink()
         module.register_forward_pre_hook(hook)
+        module.register_load_state_dict_post_hook(_ZeroAfterLoad())
     if name not in hook.names:
         hook.names.append(name)
     link(module, name)

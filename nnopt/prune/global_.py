@@ -52,6 +52,7 @@ def _masks_from_threshold(scores, masks, k, magnitude):
                 ties -= min(ties, at.numel())
             else:
                 keep |= x == tau
+            keep |= torch.isnan(x)  # the selection ranks NaN last: never among the k pruned
             out_flat[a:a + _SLICE] &= keep
         yield out
 

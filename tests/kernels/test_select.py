@@ -112,9 +112,17 @@ def test_histogram_matches_reference(backend, device, dtype):
             assert torch.equal(got, want), (bits, shift, "magnitude")
 
 
-def test_torch_backend_is_the_reference():
-    scores, masks = make("cpu", torch.float32)
-    assert ref.kth_smallest(scores, masks, 5) == _select.kth_smallest(scores, masks, 5, backend="torch")
+def test_reference_matches_kthvalue_with_ties_and_nan():
+    """The reference against torch.kthvalue on one concatenation, with ties, NaN (ranked last) and masks."""
+    scores = [torch.tensor([3.0, 1.0, float("nan"), 1.0]), torch.tensor([[2.0, -0.0], [0.0, 1.0]])]
+    masks = [None, torch.tensor([[True, True], [True, False]])]
+    flat = torch.cat([scores[0], scores[1][masks[1]]])
+    for k in range(1, flat.numel() + 1):
+        tau, n_less = ref.kth_smallest(scores, masks, k)
+        want = torch.kthvalue(flat, k).values.item()  # kthvalue also ranks NaN last
+        assert (tau == want) or (tau != tau and want != want), k
+        if tau == tau:
+            assert n_less == int((flat < tau).sum()), k
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
