@@ -73,8 +73,13 @@ def assert_same_state(a, b, params_a, params_b, dtype=torch.float32):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
 def test_matches_torch(name, kwargs, backend):
-    skip_unless_available(backend, "cpu")
-    ps = make_params(backend)
+    check_parity(name, kwargs, backend, "cpu")
+
+
+def check_parity(name, kwargs, backend, device):
+    """nnopt's optimizer on ``backend`` and torch.optim's for-loop twin, STEPS steps from the same start."""
+    skip_unless_available(backend, device)
+    ps = make_params(backend, device=device)
     qs = clone_params(ps)
     ours = getattr(nno, name)(ps, backend=backend, **kwargs)
     ref = torch_twin(name, qs, kwargs)
@@ -386,16 +391,7 @@ def test_forced_unavailable_backend_names_what_is_missing():
 @pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
 def test_matches_torch_on_cuda(name, kwargs, backend):
     """On a GPU: the same parity with torch.optim (for-loop) on CUDA tensors, odd sizes and views included."""
-    skip_unless_available(backend, "cuda")
-    ps = make_params(backend, device="cuda")
-    qs = clone_params(ps)
-    ours = getattr(nno, name)(ps, backend=backend, **kwargs)
-    ref = torch_twin(name, qs, kwargs)
-    for _ in range(STEPS):
-        set_grads(ps, qs)
-        ours.step()
-        ref.step()
-    assert_same_state(ours, ref, ps, qs)
+    check_parity(name, kwargs, backend, "cuda")
 
 
 # -- the cached launch plan: every change a user can make between steps is seen -----------------------------
