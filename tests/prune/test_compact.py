@@ -12,14 +12,6 @@ from nnopt.prune.methods import l1_unstructured, ln_structured
 ATOL = 1e-5  # the bar compact promises: max abs difference on random inputs, eval mode
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and spinning threads on a busy 2-core machine cost 100x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def _randomize(model):
     """Nonzero biases and BatchNorm statistics, so folded constants and sliced statistics matter."""

@@ -13,14 +13,6 @@ from nnopt.prune.iterative import iterative
 from nnopt.prune.methods import l1_unstructured
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # A 64-256-256-10 MLP gains nothing from threads, and spinning threads on a busy 2-core machine cost 100x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 @pytest.fixture(scope="module")
 def digits():

@@ -12,14 +12,6 @@ from nnopt.prune.pruner import Pruner
 from nnopt.prune.schedules import cubic, linear, one_shot
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # Tiny models gain nothing from threads, and spinning threads on a busy 2-core machine cost 100x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
 
 def mlp(seed=0):
     torch.manual_seed(seed)
