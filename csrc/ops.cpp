@@ -45,6 +45,24 @@ TORCH_LIBRARY(nnopt, m) {
   m.def(
       "select_histogram_(Tensor(a!) hist, Tensor[] scores, Tensor?[] masks, int key_bits, int shift, int bits, "
       "int prefix, bool magnitude=False) -> ()");
+
+  // Block-sparse masked linear layer (family: masked_linear): y = x (W ⊙ mask)ᵀ + b and its two gradients,
+  // computed only on the non-empty block_n × block_k tiles of the mask. The block layout (nnopt/nn/layout.py)
+  // lists those tiles: row_ptr [NB+1] / col_idx [nnzb] in block-row order (CSR), col_ptr [KB+1] / row_idx
+  // [nnzb] in block-column order (CSC) with t_perm [nnzb] mapping a CSC entry to its CSR index, and full
+  // [nnzb] (bool, CSR order): the tile, clipped to the matrix, is all true (no mask load needed). Index
+  // tensors are int32. x [M, K], dy [M, N], weight and mask [N, K] (mask bool) contiguous, one device;
+  // results are new tensors in the inputs' dtype (accumulated in float32, float64 for float64); masked
+  // entries of weight are ignored even when nonzero, and dW is exactly 0 outside the mask.
+  m.def(
+      "masked_linear(Tensor x, Tensor weight, Tensor mask, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "Tensor full, int block_n, int block_k) -> Tensor");
+  m.def(
+      "masked_linear_dx(Tensor dy, Tensor weight, Tensor mask, Tensor col_ptr, Tensor row_idx, Tensor t_perm, "
+      "Tensor full, int block_n, int block_k) -> Tensor");
+  m.def(
+      "masked_linear_dw(Tensor dy, Tensor x, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor full, "
+      "int block_n, int block_k) -> Tensor");
 }
 
 // `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.

@@ -12,7 +12,10 @@ import torch
 OPS = {
     "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
     "select": ("select_histogram",),
+    "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw"),
 }
+# Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
+_INPLACE = {"fused_optim", "select"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -24,6 +27,12 @@ def load():
         return f"the C++ extension nnopt._C is not built ({e}); run `pip install --no-build-isolation -e .`"
     _register_fakes()
     return None
+
+
+def op_name(family):
+    """The registered name of ``family``'s first op (the one availability checks look up)."""
+    name = OPS[family][0]
+    return f"{name}_" if family in _INPLACE else name
 
 
 def has_kernel(op, dispatch_key):
@@ -39,6 +48,15 @@ def _register_fakes():
         torch.library.register_fake(f"nnopt::{name}_")(_noop)
     # The select histogram adds into its `hist` argument in place and returns nothing.
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
+    # The masked linear products allocate their results: the fakes give shape, dtype and device.
+    torch.library.register_fake("nnopt::masked_linear")(
+        lambda x, weight, mask, bias, row_ptr, col_idx, full, block_n, block_k: x.new_empty(
+            (x.shape[0], weight.shape[0])))
+    torch.library.register_fake("nnopt::masked_linear_dx")(
+        lambda dy, weight, mask, col_ptr, row_idx, t_perm, full, block_n, block_k: dy.new_empty(
+            (dy.shape[0], weight.shape[1])))
+    torch.library.register_fake("nnopt::masked_linear_dw")(
+        lambda dy, x, mask, row_ptr, col_idx, full, block_n, block_k: x.new_empty((dy.shape[1], x.shape[1])))
 
 
 def _noop(*args, **kwargs):
@@ -48,7 +66,29 @@ def _noop(*args, **kwargs):
 @functools.lru_cache(maxsize=None)
 def namespace(family):
     """The family's functions, with the same names and signatures as nnopt.reference.<family>, calling nnopt._C."""
+    if family == "masked_linear":
+        return _masked_linear_namespace()
     ops = {}
     for name in OPS[family]:
-        ops[name] = getattr(torch.ops.nnopt, f"{name}_")
+        ops[name] = getattr(torch.ops.nnopt, f"{name}_" if family in _INPLACE else name)
     return types.SimpleNamespace(**ops)
+
+
+def _masked_linear_namespace():
+    """The registered masked linear ops behind nnopt.reference.masked_linear's signatures (layout: BlockLayout)."""
+    ops = torch.ops.nnopt
+
+    def masked_linear(x, weight, mask, bias, layout):
+        return ops.masked_linear(x, weight, mask, bias, layout.row_ptr, layout.col_idx, layout.full,
+                                 layout.block_n, layout.block_k)
+
+    def masked_linear_dx(dy, weight, mask, layout):
+        return ops.masked_linear_dx(dy, weight, mask, layout.col_ptr, layout.row_idx, layout.t_perm, layout.full,
+                                    layout.block_n, layout.block_k)
+
+    def masked_linear_dw(dy, x, mask, layout):
+        return ops.masked_linear_dw(dy, x, mask, layout.row_ptr, layout.col_idx, layout.full, layout.block_n,
+                                    layout.block_k)
+
+    return types.SimpleNamespace(masked_linear=masked_linear, masked_linear_dx=masked_linear_dx,
+                                 masked_linear_dw=masked_linear_dw)

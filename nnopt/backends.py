@@ -23,7 +23,11 @@ CHOICES = BACKENDS + ("auto",)
 AUTO_ORDER = {
     "fused_optim": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "select": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
+    "masked_linear": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
+
+# Families whose GPU kernels are Triton only (cuBLAS-class dense tiles are Triton's strength).
+_NO_CUDA_KERNELS = {"masked_linear"}
 
 _current = contextvars.ContextVar("nnopt_backend", default=None)
 
@@ -81,7 +85,7 @@ def missing(backend, device="cpu", family="fused_optim"):
         from nnopt import _ext
 
         why = _ext.load()
-        if why is None and not _ext.has_kernel(f"{_ext.OPS[family][0]}_", "CPU"):
+        if why is None and not _ext.has_kernel(_ext.op_name(family), "CPU"):
             return "nnopt._C was built without its CPU kernels; rebuild with `pip install --no-build-isolation -e .`"
         return why
     if backend == "cuda":
@@ -94,9 +98,9 @@ def missing(backend, device="cpu", family="fused_optim"):
         why = _ext.load()
         if why is not None:
             return why
-        from nnopt._ext import OPS, has_kernel
-
-        if not has_kernel(f"{OPS[family][0]}_", "CUDA"):
+        if family in _NO_CUDA_KERNELS:
+            return f"the {family} family has no CUDA C++ kernels; its GPU backend is 'triton'"
+        if not _ext.has_kernel(_ext.op_name(family), "CUDA"):
             return "nnopt._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
         return None
     if backend == "triton":
