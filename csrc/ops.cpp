@@ -8,6 +8,9 @@
 //   are float32 when masters are given (bf16/fp16 params with an fp32 master copy), else the params' dtype.
 //   masks are bool. Math runs in float32 (float64 for float64 params).
 // - lr_tensor (one element, float32, same device) replaces lr when given, read inside the kernel.
+// - step (Adam, Adagrad; one element, same device): the step count after this step's increment. When given,
+//   the count-derived scalars (bias corrections; Adagrad's lr_decay_denom from lr_decay) are computed from
+//   it inside the kernel and the float arguments for them are ignored: counts can live on the device.
 // - grad_scale (one element): grads are divided by it. found_inf (one element): when nonzero the step
 //   changes nothing. Neither is read on the host.
 // - After the update: the L1 proximal step p <- sign(p) * max(|p| - lr*l1, 0) when l1 > 0, then masked
@@ -26,11 +29,12 @@ TORCH_LIBRARY(nnopt, m) {
       "Tensor(d!)[] max_exp_avg_sqs, Tensor(e!)[] masters, Tensor[] masks, *, float lr, float beta1, "
       "float beta2, float eps, float weight_decay, bool decoupled, bool amsgrad, bool maximize, float l1, "
       "float bias_correction1, float bias_correction2_sqrt, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
-      "Tensor? found_inf=None) -> ()");
+      "Tensor? found_inf=None, Tensor? step=None) -> ()");
   m.def(
       "adagrad_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] state_sums, Tensor(c!)[] masters, "
       "Tensor[] masks, *, float lr, float weight_decay, float eps, bool maximize, float l1, "
-      "float lr_decay_denom, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+      "float lr_decay_denom, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "float lr_decay=0.0, Tensor? step=None) -> ()");
   m.def(
       "rmsprop_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] square_avgs, "
       "Tensor(c!)[] momentum_buffers, Tensor(d!)[] grad_avgs, Tensor(e!)[] masters, Tensor[] masks, *, "

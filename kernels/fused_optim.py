@@ -202,12 +202,13 @@ def _adam_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, vmax_ptr, 
 
 
 @triton.jit
-def _adam_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+def _adam_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
                  eps: tl.float64, weight_decay: tl.float64, l1: tl.float64, bias_correction1: tl.float64,
                  bias_correction2_sqrt: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr,
                  HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr,
-                 HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, AMSGRAD: tl.constexpr,
-                 N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+                 HAS_INF: tl.constexpr, HAS_STEP: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr,
+                 AMSGRAD: tl.constexpr, N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr):
     row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
         table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
         ALIGNED, CHUNK, BLOCK)
@@ -224,6 +225,12 @@ def _adam_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, beta1: tl.fl
     l1 = f64(l1)
     bc1 = f64(bias_correction1)
     bc2_sqrt = f64(bias_correction2_sqrt)
+    if HAS_STEP:  # device-resident step count: torch.optim's bias corrections, in float64, from it
+        step = tl.load(step_ptr).to(tl.float64)
+        # beta**step as exp(step*log(beta)) in float64 (libdevice.pow has no interpreter twin): off from
+        # torch's pow by ~1e-16 relative, far below the float32 update's rounding; beta = 0 gives exp(-inf) = 0.
+        bc1 = 1 - tl.exp(step * tl.log(beta1))
+        bc2_sqrt = tl.sqrt(1 - tl.exp(step * tl.log(beta2)))  # float64 sqrt: exact
     for i in range((lim - start) // BLOCK):
         _adam_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, vmax_ptr, scale, lr, beta1,
                     beta2, eps, wd, l1, bc1, bc2_sqrt, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED,
@@ -249,11 +256,12 @@ def _adagrad_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, sum_ptr, scale, lr, w
 
 
 @triton.jit
-def _adagrad_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, weight_decay: tl.float64, eps: tl.float64,
-                    l1: tl.float64, lr_decay_denom: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
-                    CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
-                    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, N_SLOTS: tl.constexpr,
-                    ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+def _adagrad_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr: tl.float64, weight_decay: tl.float64,
+                    eps: tl.float64, l1: tl.float64, lr_decay_denom: tl.float64, lr_decay: tl.float64,
+                    P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr,
+                    HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
+                    HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
+                    N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
     row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
         table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
         ALIGNED, CHUNK, BLOCK)
@@ -262,6 +270,8 @@ def _adagrad_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, weight_de
     eps = f64(eps)
     l1 = f64(l1)
     lr_decay_denom = f64(lr_decay_denom)
+    if HAS_STEP:  # device-resident step count
+        lr_decay_denom = 1 + (tl.load(step_ptr).to(tl.float64) - 1) * f64(lr_decay)
     for i in range((lim - start) // BLOCK):
         _adagrad_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, sum_ptr, scale, lr, wd, eps, l1,
                        lr_decay_denom, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
@@ -344,7 +354,7 @@ def _interpreting():
     return os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 
 
-def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf):
+def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf, step=None):
     """Validates what is per call (list lengths, the params' dtype and device, the one-element tensors) and returns
     the table's lists in slot order (params, grads, [masters], [masks], states...) with the `launch` keywords that
     check them per tensor (op, list names, expected dtypes: `_multi_tensor._table` checks dtypes, devices, numels and
@@ -376,7 +386,7 @@ def _check(op, params, grads, masters, masks, states, lr_tensor, grad_scale, fou
         lists.append(masks), names.append("masks"), dtypes.append(torch.bool)
     for name, lst in states.items():
         lists.append(lst), names.append(name), dtypes.append(s_dtype)
-    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf)):
+    for name, t in (("lr_tensor", lr_tensor), ("grad_scale", grad_scale), ("found_inf", found_inf), ("step", step)):
         if t is None:
             continue
         if t.numel() != 1:
@@ -412,36 +422,38 @@ def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, d
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps,
               weight_decay, decoupled, amsgrad, maximize, l1, bias_correction1, bias_correction2_sqrt,
-              lr_tensor=None, grad_scale=None, found_inf=None):
+              lr_tensor=None, grad_scale=None, found_inf=None, step=None):
     """Adam / AdamW (decoupled) / AMSGrad on every tensor of `params`, in place; see the module docstring.
-    max_exp_avg_sqs must be full when amsgrad (ignored otherwise)."""
+    max_exp_avg_sqs must be full when amsgrad (ignored otherwise). A `step` tensor replaces the bias corrections."""
     if not params:
         return
     states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
     if amsgrad:
         states["max_exp_avg_sqs"] = max_exp_avg_sqs
-    lists, check, flags = _check("adam_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf)
+    lists, check, flags = _check("adam_step", params, grads, masters, masks, states, lr_tensor, grad_scale, found_inf,
+                                 step)
     _multi_tensor.launch(
         _adam_kernel, lists,
-        [lr_tensor, grad_scale, found_inf, float(lr), float(beta1), float(beta2), float(eps),
+        [lr_tensor, grad_scale, found_inf, step, float(lr), float(beta1), float(beta2), float(eps),
          float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2_sqrt)],
-        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), **check, **flags)
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), AMSGRAD=bool(amsgrad), HAS_STEP=step is not None,
+        **check, **flags)
 
 
 def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay, eps, maximize, l1, lr_decay_denom,
-                 lr_tensor=None, grad_scale=None, found_inf=None):
+                 lr_tensor=None, grad_scale=None, found_inf=None, lr_decay=0.0, step=None):
     """Adagrad on every tensor of `params`, in place; see the module docstring. lr_decay_denom is
-    1 + (step - 1) * lr_decay."""
+    1 + (step - 1) * lr_decay, computed in the kernel from `step` and `lr_decay` when a `step` tensor is given."""
     if not params:
         return
     states = {"state_sums": state_sums}
     lists, check, flags = _check("adagrad_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
-                          found_inf)
+                                 found_inf, step)
     _multi_tensor.launch(
         _adagrad_kernel, lists,
-        [lr_tensor, grad_scale, found_inf, float(lr), float(weight_decay), float(eps), float(l1),
-         float(lr_decay_denom)],
-        MAXIMIZE=bool(maximize), **check, **flags)
+        [lr_tensor, grad_scale, found_inf, step, float(lr), float(weight_decay), float(eps), float(l1),
+         float(lr_decay_denom), float(lr_decay)],
+        MAXIMIZE=bool(maximize), HAS_STEP=step is not None, **check, **flags)
 
 
 def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, masters, masks, *, lr, alpha, eps,

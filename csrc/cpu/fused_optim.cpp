@@ -385,6 +385,14 @@ bool read_scalars(const char* op, at::TensorList params, const std::optional<Ten
   return true;
 }
 
+// A step count given as a tensor replaces the count-derived float arguments (see csrc/ops.cpp).
+template <typename Args>
+void read_step(const char* op, at::TensorList params, const std::optional<Tensor>& step, Args& a) {
+  if (!step.has_value() || params.empty()) return;
+  check_scalar_tensor(op, "step", step, params[0].device());
+  set_step(a, step->item<double>());
+}
+
 // ---------------------------------------------------------------------------------------------------------
 // The ops.
 
@@ -414,7 +422,7 @@ void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Ten
                    double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                    double l1, double bias_correction1, double bias_correction2_sqrt,
                    const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
-                   const std::optional<Tensor>& found_inf) {
+                   const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
   const char* op = "adam_step_";
   auto tensors = check_inputs(
       op, at::kCPU, params, grads, masters, masks,
@@ -423,7 +431,8 @@ void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Ten
        {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}});
   double scale;
   if (!read_scalars(op, params, lr_tensor, grad_scale, found_inf, lr, scale)) return;
-  const AdamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, scale, maximize};
+  AdamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, scale, maximize};
+  read_step(op, params, step, a);
   Context<AdamOp> ctx;
   ctx.hf = make_adam<float>(lr, a);
   ctx.hd = make_adam<double>(lr, a);
@@ -436,12 +445,14 @@ void adam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, Ten
 void adagrad_step_cpu(TensorList params, TensorList grads, TensorList state_sums, TensorList masters,
                       TensorList masks, double lr, double weight_decay, double eps, bool maximize, double l1,
                       double lr_decay_denom, const std::optional<Tensor>& lr_tensor,
-                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+                      const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                      double lr_decay, const std::optional<Tensor>& step) {
   const char* op = "adagrad_step_";
   auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks, {{"state_sums", state_sums, true}});
   double scale;
   if (!read_scalars(op, params, lr_tensor, grad_scale, found_inf, lr, scale)) return;
-  const AdagradArgs a{lr, weight_decay, eps, l1, lr_decay_denom, scale, maximize};
+  AdagradArgs a{lr, weight_decay, eps, l1, lr_decay_denom, scale, maximize, lr_decay};
+  read_step(op, params, step, a);
   Context<AdagradOp> ctx;
   ctx.hf = make_adagrad<float>(lr, a);
   ctx.hd = make_adagrad<double>(lr, a);
@@ -501,13 +512,14 @@ void sgd_step_empty(TensorList params, TensorList, TensorList, TensorList, Tenso
 
 void adam_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, TensorList,
                      double, double, double, double, double, bool, bool, bool, double, double, double,
-                     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&) {
+                     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&) {
   check_no_backend("adam_step_", params);
 }
 
 void adagrad_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, double, double, double,
                         bool, double, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
-                        const std::optional<Tensor>&) {
+                        const std::optional<Tensor>&, double, const std::optional<Tensor>&) {
   check_no_backend("adagrad_step_", params);
 }
 

@@ -127,6 +127,7 @@ struct OptimFunctor {
   typename Op::Args args;
   DeviceScalar lr;
   DeviceScalar grad_scale;
+  DeviceScalar step;  // device-resident step count: the count-derived scalars are computed here
   RuntimeFlags flags;
 
   __device__ void operator()(const TensorPtrs& t, int64_t start, int64_t n) const {
@@ -134,6 +135,7 @@ struct OptimFunctor {
     using S = std::conditional_t<Master, float, P>;
     typename Op::Args a = args;
     a.grad_scale = grad_scale.get(1.0);
+    if (step.ptr != nullptr) set_step(a, step.get(0.0));
     const auto h = Op::template make<C>(lr.get(args.lr), a);
 
     P* param = static_cast<P*>(t.param) + start;
@@ -187,8 +189,8 @@ struct OptimFunctor {
 // The one-element tensors as the kernels read them. Converted copies (other dtypes) are held here until the
 // launch is queued; the caching allocator keeps their memory for the stream.
 struct Scalars {
-  Tensor lr_keep, scale_keep, inf_keep;
-  DeviceScalar lr, grad_scale;
+  Tensor lr_keep, scale_keep, inf_keep, step_keep;
+  DeviceScalar lr, grad_scale, step;
   const float* found_inf = nullptr;
 };
 
@@ -202,14 +204,17 @@ DeviceScalar device_scalar(const std::optional<Tensor>& t, Tensor& keep) {
 }
 
 Scalars prepare_scalars(const char* op, TensorList params, const std::optional<Tensor>& lr_tensor,
-                        const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+                        const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                        const std::optional<Tensor>& step = std::nullopt) {
   const at::Device device = params[0].device();
+  check_scalar_tensor(op, "step", step, device);
   check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
   check_scalar_tensor(op, "grad_scale", grad_scale, device);
   check_scalar_tensor(op, "found_inf", found_inf, device);
   Scalars s;
   s.lr = device_scalar(lr_tensor, s.lr_keep);
   s.grad_scale = device_scalar(grad_scale, s.scale_keep);
+  s.step = device_scalar(step, s.step_keep);
   if (found_inf.has_value()) {
     s.inf_keep = found_inf->scalar_type() == at::kFloat ? *found_inf : found_inf->to(at::kFloat);
     s.found_inf = static_cast<const float*>(s.inf_keep.data_ptr());
@@ -220,7 +225,7 @@ Scalars prepare_scalars(const char* op, TensorList params, const std::optional<T
 template <typename Op, typename P, bool Master>
 void launch_typed(const std::vector<TensorPtrs>& metas, at::Device device, const typename Op::Args& args,
                   const RuntimeFlags& flags, const Scalars& sc) {
-  OptimFunctor<Op, P, Master> f{args, sc.lr, sc.grad_scale, flags};
+  OptimFunctor<Op, P, Master> f{args, sc.lr, sc.grad_scale, sc.step, flags};
   cuda::multi_tensor_apply(metas, device, sc.found_inf, f);
 }
 
@@ -277,7 +282,7 @@ void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
                     double beta2, double eps, double weight_decay, bool decoupled, bool amsgrad, bool maximize,
                     double l1, double bias_correction1, double bias_correction2_sqrt,
                     const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
-                    const std::optional<Tensor>& found_inf) {
+                    const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
   const char* op = "adam_step_";
   auto tensors = check_inputs(
       op, at::kCUDA, params, grads, masters, masks,
@@ -286,7 +291,7 @@ void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
        {"max_exp_avg_sqs", max_exp_avg_sqs, amsgrad}});
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
-  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf);
+  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
   const AdamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, 1.0, maximize};
   const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? (decoupled ? 2 : 1) : 0, amsgrad, false};
   launch<AdamOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
@@ -295,13 +300,14 @@ void adam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
 void adagrad_step_cuda(TensorList params, TensorList grads, TensorList state_sums, TensorList masters,
                        TensorList masks, double lr, double weight_decay, double eps, bool maximize, double l1,
                        double lr_decay_denom, const std::optional<Tensor>& lr_tensor,
-                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf) {
+                       const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                       double lr_decay, const std::optional<Tensor>& step) {
   const char* op = "adagrad_step_";
   auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks, {{"state_sums", state_sums, true}});
   if (params.empty()) return;
   c10::cuda::CUDAGuard guard(params[0].device());
-  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf);
-  const AdagradArgs a{lr, weight_decay, eps, l1, lr_decay_denom, 1.0, maximize};
+  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
+  const AdagradArgs a{lr, weight_decay, eps, l1, lr_decay_denom, 1.0, maximize, lr_decay};
   const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? 1 : 0, false, false};
   launch<AdagradOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
 }

@@ -4,8 +4,9 @@ A subclass names its kernel (``_op``), creates its per-parameter state (``_init_
 tensors the kernel updates (``_state_lists``) and turns a group's hyperparameters into the kernel's keyword
 arguments (``_hyper``). Everything else is here, once:
 
-- state keys and layout are torch.optim's (``step`` is a CPU float32 tensor, as in torch's default path), so
-  checkpoints move both ways between torch.optim and nnopt.optim;
+- state keys and layout are torch.optim's, so checkpoints move both ways between torch.optim and nnopt.optim.
+  ``step`` is a float32 0-dim tensor: on the CPU for CPU parameters (torch's default path), on the parameter's
+  device otherwise (torch's fused layout), where the kernels read it: a step never reads a count on the host;
 - ``step()`` groups the parameters that have gradients by (device, dtype, step count, mask, master copy) and
   makes one backend call per group: O(1) kernel launches however many tensors;
 - complex parameters run on their real view (as torch does); dense non-contiguous ones (transposed,
@@ -14,7 +15,9 @@ arguments (``_hyper``). Everything else is here, once:
 - the kernel-ready lists are cached per group (a plan) and reused while every parameter, state tensor and
   mask they hold is the same object; gradients are taken fresh each step;
 - GradScaler: ``grad_scale`` and ``found_inf`` (set on the optimizer by ``GradScaler.step``) go into the kernels,
-  which unscale the gradients; a step with a non-finite gradient changes no parameter and no state.
+  which unscale the gradients; a step with a non-finite gradient changes no parameter and no state (device step
+  counts advance by ``1 - found_inf``). No host synchronisation, except while a plan is (re)built (the first
+  step, after a change of parameters or state) or for CPU parameters, whose counts live on the host.
 """
 
 import math
@@ -44,6 +47,12 @@ class FusedOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
     _op = None  # the kernel's name in the fused_optim family
     _has_step = True  # whether state["step"] exists (all but SGD)
+    _kernel_takes_step = False  # whether the kernel derives scalars from the count (Adam, Adagrad)
+
+    @staticmethod
+    def _counts_on_device(device):
+        """Whether the step counts of parameters on ``device`` live there (read by the kernels) or on the host."""
+        return device.type != "cpu"
 
     def __init__(self, params, defaults, *, backend=None, master_weights=False, l1=0.0, differentiable=False,
                  capturable=False):
@@ -54,7 +63,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         if differentiable:
             raise ValueError(f"{name}: differentiable=True is not supported by nnopt's fused kernels")
         if capturable:
-            raise ValueError(f"{name}: capturable=True is not supported (nnopt keeps step counts on the host)")
+            raise ValueError(f"{name}: capturable=True is not supported (nnopt's step is not CUDA-graph capturable)")
         defaults = dict(defaults, l1=l1, master_weights=bool(master_weights), backend=backend,
                         foreach=None, fused=None, capturable=False, differentiable=False)
         super().__init__(params, defaults)
@@ -180,10 +189,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Validate every group before updating any: a bad input leaves nothing half-updated.
         checked = [self._check(gi, group) for gi, group in enumerate(self.param_groups)]
         if found_inf is not None:
-            # Step counts live on the host (torch's default layout), and a plan being built may create state
-            # (SGD's first momentum buffers): then a skipped step must be known here, so found_inf is read once.
-            # SGD's steady state and everything inside the kernels read it on the device only.
-            host = self._has_step or any(c[0] is None or c[0].sparse for c in checked)
+            # Host step counts (CPU parameters), sparse gradients and a plan being built (which may create state,
+            # e.g. SGD's first momentum buffers) need to know here whether the step is skipped: then found_inf is
+            # read once. Otherwise it is read on the device only, by the kernels and the count update.
+            host = any(c[0] is None or c[0].sparse or c[0].host_counts for c in checked)
             if host and bool(found_inf.item() != 0):
                 return loss
         for gi, (group, (plan, grads, has, fp)) in enumerate(zip(self.param_groups, checked)):
@@ -259,31 +268,46 @@ class FusedOptimizer(torch.optim.Optimizer):
                 state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
         sparse = [i for i in idx if grads[i].is_sparse]
         dense = [i for i in idx if not grads[i].is_sparse]
-        steps = None
+        # (device holding the counts, whether the kernels read them there) -> [storage, counts read now, indices]
+        counts = {}
         if self._has_step and dense:
-            # One storage for all step counts: a step adds 1 to every count with one op. Each state["step"]
-            # stays a 0-dim CPU float32 tensor of its own (a view of one element), as torch.optim expects.
-            steps = torch.tensor([float(self.state[params[i]]["step"]) for i in dense], dtype=torch.float32)
-            for j, i in enumerate(dense):
-                self.state[params[i]]["step"] = steps[j]
+            # One storage per device for all step counts: a step adds 1 to every count with one op. Each
+            # state["step"] stays a 0-dim float32 tensor of its own (a view of one element), as torch.optim expects.
+            for i in dense:
+                p = params[i]
+                on_device = self._counts_on_device(p.device)
+                where = (p.device if on_device else torch.device("cpu"), on_device)
+                counts.setdefault(where, [None, [], []])
+                counts[where][1].append(float(self.state[p]["step"]))  # a plan build may read counts: rare
+                counts[where][2].append(i)
+            for (device, _), entry in counts.items():
+                entry[0] = torch.tensor(entry[1], dtype=torch.float32, device=device)
+                for j, i in enumerate(entry[2]):
+                    self.state[params[i]]["step"] = entry[0][j]
+        slot = {i: (where, j) for where, entry in counts.items() for j, i in enumerate(entry[2])}
         buckets = {}
-        for j, i in enumerate(dense):
+        for i in dense:
             p = params[i]
             state = self.state[p]
-            key = (p.device, p.dtype, float(steps[j]) if steps is not None else 0.0, sparsity.get_mask(p) is not None,
-                   "master_param" in state, self._bucket_extra(group, state))
+            where, j = slot.get(i, (None, 0))
+            key = (p.device, p.dtype, where, counts[where][1][j] if where is not None else 0.0,
+                   sparsity.get_mask(p) is not None, "master_param" in state, self._bucket_extra(group, state))
             buckets.setdefault(key, []).append((i, j))
-        plan = _Plan(group, has, sparse, steps)
-        for (device, _, _, masked, has_master, extra), members in buckets.items():
+        plan = _Plan(group, has, sparse, [(entry[0], on_device) for (_, on_device), entry in counts.items()])
+        for (device, _, where, _, masked, has_master, extra), members in buckets.items():
             self._prepare(group, [params[i] for i, _ in members], extra)
-            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master))
+            count = None
+            if where is not None:  # this bucket's (uniform) step count: a one-element view
+                rep = members[0][1]
+                count = (counts[where][0][rep:rep + 1], where[1])
+            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master, count))
             if extra is False:
                 plan.stale = True  # SGD's first momentum step creates buffers: the next step needs a new plan
         plan.objs, plan.config = self._fingerprint(group, has)
         self._plans[id(group)] = plan
         return plan
 
-    def _make_bucket(self, group, device, extra, members, masked, has_master):
+    def _make_bucket(self, group, device, extra, members, masked, has_master, count):
         params = group["params"]
         names = self._state_lists(group)
         ps = [params[i] for i, _ in members]
@@ -296,15 +320,17 @@ class FusedOptimizer(torch.optim.Optimizer):
         # Complex or non-contiguous parameters are rearranged at each launch (see _layout): only they pay.
         special = [j for j, p in enumerate(ps)
                    if p.is_complex() or not all(ts[j].is_contiguous() for ts in lists.values() if ts)]
-        return _Bucket(device, extra, [i for i, _ in members], members[0][1], lists, names, special)
+        return _Bucket(device, extra, [i for i, _ in members], count, lists, names, special)
 
     def _run(self, group, plan, grads, grad_scale, found_inf):
         for i in plan.sparse:
             p = group["params"][i]
             g = grads[i] if grad_scale is None else grads[i] * (1.0 / float(grad_scale))
             self._sparse_step(group, p, g, self.state[p], self._lr(group, p.device))
-        if plan.steps is not None:
-            plan.steps.add_(1)
+        for storage, on_device in plan.counts:
+            storage.add_(1)
+            if found_inf is not None and on_device:  # (host counts: step() returned early if found_inf != 0)
+                storage.sub_(found_inf.to(storage.device, non_blocking=True))
         for b in plan.buckets:
             self._launch(group, plan, b, grads, grad_scale, found_inf)
 
@@ -322,7 +348,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 gs[j] = arranged["grads"]
                 writeback += wb
         lists = dict(lists, grads=[g if g.is_contiguous() else g.contiguous() for g in gs])
-        step = float(plan.steps[b.rep]) if plan.steps is not None else 0.0
+        count, on_device = b.count if b.count is not None else (None, False)
+        step = float(count) if count is not None and not on_device else 1.0  # 1.0: the kernel reads the count
         lr, lr_tensor = self._lr(group, b.device)
         if grad_scale is not None and grad_scale.device != b.device:
             grad_scale = grad_scale.to(b.device, non_blocking=True)
@@ -331,8 +358,11 @@ class FusedOptimizer(torch.optim.Optimizer):
         impl = backends.implementation(FAMILY, backends.resolve(FAMILY, group["backend"], b.device))
         args = [lists["params"], lists["grads"]] + [lists[n] if n is not None else [] for n in b.names]
         args += [lists["masters"], lists["masks"]]
+        hyper = self._hyper(group, step, b.extra)
+        if on_device and self._kernel_takes_step:
+            hyper["step"] = count
         getattr(impl, self._op)(*args, lr=lr, l1=float(group["l1"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
-                                found_inf=found_inf, **self._hyper(group, step, b.extra))
+                                found_inf=found_inf, **hyper)
         for dst, src in writeback:
             dst.copy_(src)
 
@@ -378,18 +408,20 @@ def _layout(tensors, grad):
 class _Plan:
     """What one param group's step launches, cached across steps while its fingerprint holds."""
 
-    def __init__(self, group, has, sparse, steps):
-        self.group, self.has, self.sparse, self.steps = group, has, sparse, steps
+    def __init__(self, group, has, sparse, counts):
+        self.group, self.has, self.sparse, self.counts = group, has, sparse, counts
+        self.host_counts = any(not on_device for _, on_device in counts)
         self.buckets = []
         self.stale = False
         self.objs, self.config = [], None
 
 
 class _Bucket:
-    """One kernel call: parameters sharing device, dtype, step count, mask and master presence."""
+    """One kernel call: parameters sharing device, dtype, step count, mask and master presence. ``count`` is
+    (a one-element view of the step count they share, whether the kernel reads it there), or None."""
 
-    def __init__(self, device, extra, idx, rep, lists, names, special):
-        self.device, self.extra, self.idx, self.rep = device, extra, idx, rep
+    def __init__(self, device, extra, idx, count, lists, names, special):
+        self.device, self.extra, self.idx, self.count = device, extra, idx, count
         self.lists, self.names, self.special = lists, names, special
 
 

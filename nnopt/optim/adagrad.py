@@ -12,6 +12,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _op = "adagrad_step"
+    _kernel_takes_step = True
     _supports_sparse = True
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
@@ -39,7 +40,8 @@ class Adagrad(FusedOptimizer):
 
     def _hyper(self, group, step, extra):
         return dict(weight_decay=float(group["weight_decay"]), eps=float(group["eps"]),
-                    maximize=bool(group["maximize"]), lr_decay_denom=1 + (step - 1) * float(group["lr_decay"]))
+                    maximize=bool(group["maximize"]), lr_decay_denom=1 + (step - 1) * float(group["lr_decay"]),
+                    lr_decay=float(group["lr_decay"]))
 
     def _sparse_step(self, group, p, grad, state, lr):
         from torch.optim._functional import adagrad

@@ -2,7 +2,8 @@
 
 Each function updates its lists in place and follows torch.optim's single-tensor (for-loop) path op for op, so
 float32 results agree with torch.optim to rounding. The signatures are the contract every backend implements
-(see csrc/ops.cpp for the conventions: parallel lists, empty optional lists, masks, L1, grad_scale/found_inf).
+(see csrc/ops.cpp for the conventions: parallel lists, empty optional lists, masks, L1, grad_scale/found_inf,
+a `step` tensor in place of the count-derived floats).
 
 Math, per element, with g the gradient (divided by grad_scale; negated when maximize; 0 where masked),
 p the parameter (its fp32 master copy when masters are given) and lr the learning rate:
@@ -22,11 +23,18 @@ Shapes: any; dtypes: params/grads float32, float64, bfloat16 or float16; states 
 given, else the params' dtype; masks bool.
 """
 
+import math
+
 import torch
 
 
 def _lr(lr, lr_tensor):
     return lr if lr_tensor is None else lr_tensor.reshape(()).to(torch.float64).item()
+
+
+def _step(step):
+    """A step-count tensor's value (the count after this step's increment), as torch.optim reads it."""
+    return step.reshape(()).to(torch.float64).item()
 
 
 def _skip(found_inf):
@@ -94,10 +102,13 @@ def sgd_step(params, grads, momentum_buffers, masters, masks, *, lr, momentum, d
 
 def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps,
               weight_decay, decoupled, amsgrad, maximize, l1, bias_correction1, bias_correction2_sqrt,
-              lr_tensor=None, grad_scale=None, found_inf=None):
+              lr_tensor=None, grad_scale=None, found_inf=None, step=None):
     if _skip(found_inf):
         return
     lr = _lr(lr, lr_tensor)
+    if step is not None:
+        s = _step(step)
+        bias_correction1, bias_correction2_sqrt = 1 - beta1**s, math.sqrt(1 - beta2**s)
     step_size = lr / bias_correction1
     for i in range(len(params)):
         p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
@@ -120,10 +131,12 @@ def adam_step(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, masters, ma
 
 
 def adagrad_step(params, grads, state_sums, masters, masks, *, lr, weight_decay, eps, maximize, l1, lr_decay_denom,
-                 lr_tensor=None, grad_scale=None, found_inf=None):
+                 lr_tensor=None, grad_scale=None, found_inf=None, lr_decay=0.0, step=None):
     if _skip(found_inf):
         return
     lr = _lr(lr, lr_tensor)
+    if step is not None:
+        lr_decay_denom = 1 + (_step(step) - 1) * lr_decay
     clr = lr / lr_decay_denom
     for i in range(len(params)):
         p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)

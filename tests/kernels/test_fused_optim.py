@@ -6,6 +6,7 @@ list. The `gpu` tests add bf16/fp16, masters and a tensor of more than 2**31 ele
 """
 
 import itertools
+import math
 
 import pytest
 import torch
@@ -69,14 +70,15 @@ def make_lists(op, flags, sizes, device, dtype, master=False, masked=False):
     return lists
 
 
-def call(impl, op, lists, flags, step, **extra):
+def call(impl, op, lists, flags, k, **extra):
+    """Step number k of `op` on `lists` (host-computed count-derived scalars unless `extra` has a step tensor)."""
     hyper = dict(OPS[op][2], **flags, **extra)
     hyper.setdefault("l1", 0.0)
-    if op == "adam_step":
-        hyper["bias_correction1"] = 1 - hyper["beta1"] ** step
-        hyper["bias_correction2_sqrt"] = (1 - hyper["beta2"] ** step) ** 0.5
+    if op == "adam_step" and "step" not in extra:
+        hyper["bias_correction1"] = 1 - hyper["beta1"] ** k
+        hyper["bias_correction2_sqrt"] = math.sqrt(1 - hyper["beta2"] ** k)
     if op == "sgd_step":
-        hyper["first_step"] = step == 1
+        hyper["first_step"] = k == 1
     args = [lists["params"], lists["grads"]] + [lists[n] for n in OPS[op][0]] + [lists["masters"], lists["masks"]]
     getattr(impl, op)(*args, **hyper)
 
@@ -139,6 +141,31 @@ def test_found_inf_changes_nothing(backend, device, op):
     for key in lists:
         for a, b in zip(lists[key], before[key]):
             assert torch.equal(a, b), key
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("op", ["adam_step", "adagrad_step"])
+def test_step_tensor_replaces_count_derived_scalars(backend, device, op):
+    """A step count passed as a tensor (how the optimizers pass device-resident counts) gives the update the
+    host-computed scalars give, and overrides them (deliberately wrong here)."""
+    skip_unless_available(backend, device)
+    impl = backends.implementation("fused_optim", backend)
+    flags = {k: v[-1] for k, v in OPS[op][1].items()}
+    ours = make_lists(op, flags, SIZES, device, torch.float32)
+    theirs = clone_lists(ours)
+    for step in (1, 2, 7, 1000):
+        fresh = [torch.randn_like(g) for g in ours["grads"]]
+        ours["grads"], theirs["grads"] = fresh, [g.clone() for g in fresh]
+        count = torch.tensor(float(step), device=device)
+        if op == "adam_step":
+            call(impl, op, ours, flags, step, step=count, bias_correction1=123.0, bias_correction2_sqrt=4.0)
+            call(impl, op, theirs, flags, step)
+        else:
+            call(impl, op, ours, flags, step, step=count, lr_decay=0.05, lr_decay_denom=99.0)
+            call(impl, op, theirs, flags, step, lr_decay_denom=1 + (step - 1) * 0.05)
+    for key in ours:
+        for a, b in zip(ours[key], theirs[key]):
+            assert_close(a, b, msg=f"{key} differ")
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

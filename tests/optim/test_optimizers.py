@@ -520,6 +520,83 @@ def test_sgd_first_step_skipped_by_grad_scaler_matches_torch():
     assert_same_state(ours, ref, ps, qs)
 
 
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+@pytest.mark.parametrize("name,kwargs", [("AdamW", dict(lr=0.01, amsgrad=True)), ("Adam", dict(lr=0.01)),
+                                         ("Adagrad", dict(lr=0.1, lr_decay=0.05)), ("RMSprop", dict(lr=0.01)),
+                                         ("SGD", dict(lr=0.1, momentum=0.9))])
+def test_device_step_counts_are_never_read_on_the_host(name, kwargs, backend, monkeypatch):
+    """Step counts kept where the kernels read them (as for CUDA parameters; forced here on CPU tensors): with
+    GradScaler's found_inf, a cached-plan step reads no tensor on the host (a read would be a GPU sync), skips
+    the non-finite steps (counts included) and matches torch.optim stepping only on the finite ones."""
+    from nnopt.optim._fused import FusedOptimizer
+
+    monkeypatch.setattr(FusedOptimizer, "_counts_on_device", staticmethod(lambda device: True))
+    ps, qs, ours, ref = _twins(name, kwargs, backend)
+    watched = set()  # storages of found_inf, grad_scale and the step counts: on a GPU, reading them syncs
+
+    def guard(original):
+        def read(self, *args, **kwargs):
+            if self.untyped_storage().data_ptr() in watched:
+                raise AssertionError("found_inf, grad_scale or a step count was read on the host during step()")
+            return original(self, *args, **kwargs)
+        return read
+
+    for step in range(7):
+        set_grads(ps, qs)
+        for p in ps:
+            p.grad.mul_(4.0)  # scaled by grad_scale (a power of two: unscaling is exact)
+        skip = step in (2, 4, 5)
+        ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(1.0 if skip else 0.0)
+        watched = {t.untyped_storage().data_ptr() for t in (ours.grad_scale, ours.found_inf)}
+        watched |= {st["step"].untyped_storage().data_ptr() for st in ours.state.values() if "step" in st}
+        with monkeypatch.context() as m:
+            if step >= 2:  # the first steps build the plan (SGD: twice), which may read counts and found_inf
+                for attr in ("item", "__bool__", "__float__", "__int__", "tolist"):
+                    m.setattr(torch.Tensor, attr, guard(getattr(torch.Tensor, attr)))
+            ours.step()
+        if not skip:
+            ref.step()
+    del ours.grad_scale, ours.found_inf
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("name", ["AdamW", "Adagrad", "RMSprop", "SGD"])
+def test_grad_scaler_step_never_syncs_on_cuda(name, backend):
+    """On a GPU, under torch.amp.GradScaler: once the plan is built (first steps), optimizer.step() makes no
+    host synchronisation (torch.cuda.set_sync_debug_mode("error") turns one into an error), skips the step with
+    an inf gradient (parameters and states unchanged) and matches torch.optim (for-loop) with its own scaler."""
+    skip_unless_available(backend, "cuda")
+    kwargs = dict(lr=0.05, momentum=0.9) if name == "SGD" else dict(lr=0.05)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2)).cuda()
+    twin = copy.deepcopy(model)
+    ours = getattr(nno, name)(model.parameters(), backend=backend, **kwargs)
+    ref = getattr(torch.optim, name)(twin.parameters(), foreach=False, **kwargs)
+    step_once = ours.step
+
+    def no_sync_step(*args, **kw):
+        torch.cuda.set_sync_debug_mode("error" if n >= 2 else "default")
+        try:
+            return step_once(*args, **kw)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    ours.step = no_sync_step
+    scalers = [torch.amp.GradScaler("cuda", init_scale=2.0**8) for _ in range(2)]
+    x, y = torch.randn(8, 6, device="cuda"), torch.randn(8, 2, device="cuda")
+    for n in range(6):
+        for m, o, s in ((model, ours, scalers[0]), (twin, ref, scalers[1])):
+            o.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if n == 3:
+                next(m.parameters()).grad[0, 0] = float("inf")
+            s.step(o)
+            s.update()
+    assert scalers[0].get_scale() == scalers[1].get_scale()
+    assert_same_state(ours, ref, list(model.parameters()), list(twin.parameters()))
+
+
 def test_sparse_gradient_with_grad_scale():
     emb = torch.nn.Embedding(10, 4, sparse=True)
     twin = copy.deepcopy(emb)

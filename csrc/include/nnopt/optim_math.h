@@ -122,6 +122,7 @@ NNOPT_HD inline AdamScalars<T> make_adam(double lr, const AdamArgs& a) {
 struct AdagradArgs {
   double lr, weight_decay, eps, l1, lr_decay_denom, grad_scale;
   bool maximize;
+  double lr_decay;  // used only when the step count comes as a tensor (see set_step)
 };
 
 template <typename T>
@@ -165,6 +166,19 @@ NNOPT_HD inline RmspropScalars<T> make_rmsprop(double lr, const RmspropArgs& a) 
   s.neg = a.maximize ? T(-1) : T(1);
   return s;
 }
+
+// ---------------------------------------------------------------------------------------------------------
+// Step counts given as a tensor (device-resident counts: no host read per step). The scalars that depend on
+// the count are derived from it exactly as the host derives them (torch.optim's formulas, in double); SGD
+// and RMSprop use no count.
+
+NNOPT_HD inline void set_step(SgdArgs&, double) {}
+NNOPT_HD inline void set_step(RmspropArgs&, double) {}
+NNOPT_HD inline void set_step(AdamArgs& a, double step) {
+  a.bias_correction1 = 1 - pow(a.beta1, step);
+  a.bias_correction2_sqrt = sqrt(1 - pow(a.beta2, step));
+}
+NNOPT_HD inline void set_step(AdagradArgs& a, double step) { a.lr_decay_denom = 1 + (step - 1) * a.lr_decay; }
 
 // ---------------------------------------------------------------------------------------------------------
 // Flags. The CPU instantiates StaticFlags (compile-time constants); CUDA fills RuntimeFlags.
