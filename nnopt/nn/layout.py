@@ -18,6 +18,7 @@ class BlockLayout:
       t_perm [nnzb]                    CSR index of each CSC entry.
       full [nnzb] (bool, CSR order)    the tile is entirely true: kernels skip the mask load.
       density                          fraction of true entries; ``block_density`` = nnzb / (NB * KB).
+      is_2_4                           at most 2 true entries in every aligned group of 4 along K.
     """
 
     def __init__(self, mask, block_n=32, block_k=32):
@@ -27,9 +28,11 @@ class BlockLayout:
             raise ValueError(f"BlockLayout: block sizes must be positive, got {block_n}x{block_k}")
         n, k = mask.shape
         nb, kb = -(-n // block_n), -(-k // block_k)
-        pad = torch.zeros(nb * block_n, kb * block_k, dtype=torch.int32, device=mask.device)
-        pad[:n, :k] = mask
-        counts = pad.view(nb, block_n, kb, block_k).sum(dim=(1, 3))  # [NB, KB] true entries per tile
+        tiled = mask.contiguous()
+        if n % block_n or k % block_k:  # pad to whole tiles (with False) so one view reduces every tile
+            tiled = torch.zeros(nb * block_n, kb * block_k, dtype=torch.bool, device=mask.device)
+            tiled[:n, :k] = mask
+        counts = tiled.view(nb, block_n, kb, block_k).sum(dim=(1, 3), dtype=torch.int32)  # true entries per tile
         tile_rows = torch.full((nb,), block_n, device=mask.device)
         tile_rows[-1] = n - (nb - 1) * block_n
         tile_cols = torch.full((kb,), block_k, device=mask.device)
@@ -53,6 +56,8 @@ class BlockLayout:
         self.col_ptr[1:] = nonempty.sum(0).cumsum(0)
         self.density = float(counts.sum()) / max(1, n * k)
         self.block_density = self.nnzb / max(1, nb * kb)
+        # 2:4 semi-structured: at most 2 kept entries in every aligned group of 4 along K (GPU sparse tensor cores)
+        self.is_2_4 = k % 4 == 0 and bool((mask.reshape(n, k // 4, 4).sum(-1, dtype=torch.int8) <= 2).all())
 
     def tensors(self):
         """The layout tensors in the order of the registered ops' arguments (see csrc/ops.cpp)."""

@@ -28,6 +28,8 @@ class _MaskLink:
         self.handles = {}  # name -> gradient-hook handle; not copied or pickled (the copy relinks itself)
 
     def __call__(self, module, args):
+        if torch.compiler.is_compiling():  # bookkeeping only (done eagerly by apply_mask): nothing to trace
+            return
         for name in self.names:
             link(module, name)
 
@@ -83,12 +85,23 @@ def _zero_pruned_grad(grad, module, name):
     return grad if mask is None else grad.masked_fill(~mask, 0)
 
 
+def _is_dtensor(t):
+    import sys
+
+    dtensor = getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)  # only once torch loaded it
+    return dtensor is not None and isinstance(t, dtensor)
+
+
 def link(module, name):
     """(Re)attaches the registry entry and the gradient hook of ``module.<name>`` to its mask buffer."""
     param = getattr(module, name)
     mask = module._buffers[name + MASK_SUFFIX]
+    if _is_dtensor(mask) and not _is_dtensor(param):
+        return  # FSDP2's forward: the module holds the gathered full parameter; the DTensor one stays linked
     _ensure_step_hook()
     hook = _link_of(module)
+    if getattr(module, "_nnopt_masks_own_grad", False):  # the layer's backward masks the gradient (MaskedLinear)
+        hook = None
     if sparsity.get_mask(param) is not mask or (hook is not None and param.requires_grad and name not in hook.handles):
         sparsity.set_mask(param, mask)
         if hook is not None and param.requires_grad:

@@ -1,0 +1,138 @@
+"""How a masked linear call runs: the cached block layout of a mask, the cost model behind ``auto``, and the
+implementations (namespaces with masked_linear / masked_linear_dx / masked_linear_dw) it chooses between.
+
+``auto`` compares the block-sparse kernels' predicted time with dense F.linear's and takes the sparse kernels
+only where they are predicted to win by a margin (so the layer is never measurably slower than dense):
+
+    t_sparse / t_dense ≈ block_density / efficiency[device][block] + overhead[device] / (M·N·K)
+
+``efficiency`` is the sparse kernels' throughput on a non-empty tile relative to the dense GEMM's, measured by
+bench/bench_masked_linear.py (bench/RESULTS.md). On GPUs with 2:4 sparse tensor cores, a 2:4 mask at inference
+(no gradient needed) in fp16/bf16 runs on torch's semi-structured sparse tensors.
+"""
+
+import collections
+import types
+import weakref
+
+import torch
+
+from nnopt import backends
+from nnopt.nn.layout import BlockLayout
+
+FAMILY = "masked_linear"
+
+# Sparse-tile throughput relative to dense GEMM, per device type and tile (block_n, block_k); missing sizes
+# use the nearest listed. Calibrated from bench/bench_masked_linear.py (see bench/RESULTS.md).
+EFFICIENCY = {
+    "cpu": {16: 0.8, 32: 0.85, 64: 0.85},
+    "cuda": {16: 0.3, 32: 0.55, 64: 0.7, 128: 0.75},
+}
+# Fixed cost of a sparse call in dense-GEMM flop equivalents (launches, layout reads, allocation).
+OVERHEAD = {"cpu": 2e6, "cuda": 5e7}
+# The sparse kernels must be predicted this much faster before auto takes them.
+MARGIN = 1.15
+
+_LAYOUTS = collections.OrderedDict()  # id(mask) -> (weakref to mask, version, block sizes, layout)
+_LAYOUT_CACHE_SIZE = 256
+
+
+def cached_layout(mask, block_n=32, block_k=32):
+    """The BlockLayout of ``mask``, built once and reused until the mask is modified (its version changes), its
+    device changes (a new tensor) or it is freed."""
+    key = id(mask)
+    hit = _LAYOUTS.get(key)
+    if hit is not None:
+        ref, version, blocks, layout = hit
+        if ref() is mask and version == mask._version and blocks == (block_n, block_k):
+            _LAYOUTS.move_to_end(key)
+            return layout
+    layout = BlockLayout(mask, block_n, block_k)
+    _LAYOUTS[key] = (weakref.ref(mask), mask._version, (block_n, block_k), layout)
+    if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
+        _LAYOUTS.popitem(last=False)
+    return layout
+
+
+def predicted_speedup(layout, m, device_type):
+    """Predicted dense time / block-sparse time for an input of m rows (the cost model above)."""
+    table = EFFICIENCY.get(device_type, EFFICIENCY["cuda"])
+    block = min(layout.block_n, layout.block_k)
+    eff = table[min(table, key=lambda b: abs(b - block))]
+    n, k = layout.shape
+    flops = max(1, m * n * k)
+    ratio = layout.block_density / eff + OVERHEAD.get(device_type, OVERHEAD["cuda"]) / flops
+    return 1.0 / max(ratio, 1e-9)
+
+
+def _masked_weight_products():
+    """Dense F.linear products for a weight that already holds zeros at masked entries (the pruning contract):
+    no masking pass in forward or dx; dW is masked in place."""
+
+    def masked_linear(x, weight, mask, bias, layout):
+        return torch.nn.functional.linear(x, weight, bias)
+
+    def masked_linear_dx(dy, weight, mask, layout):
+        return dy @ weight
+
+    def masked_linear_dw(dy, x, mask, layout):
+        return (dy.t() @ x).masked_fill_(~mask, 0)
+
+    return types.SimpleNamespace(masked_linear=masked_linear, masked_linear_dx=masked_linear_dx,
+                                 masked_linear_dw=masked_linear_dw)
+
+
+DENSE_MASKED = _masked_weight_products()
+
+
+def _dense(weight_is_masked):
+    """Dense products: the reference (masking the weight) or, for a weight known to hold its zeros, DENSE_MASKED."""
+    return DENSE_MASKED if weight_is_masked else backends.implementation(FAMILY, "torch")
+
+
+class _SemiStructured:
+    """Inference on GPU 2:4 sparse tensor cores (torch.sparse.to_sparse_semi_structured), the compressed weight
+    cached per weight version. Forward only: chosen when no gradient is needed."""
+
+    def __init__(self):
+        self._cache = {}
+
+    def masked_linear(self, x, weight, mask, bias, layout):
+        key = id(weight)
+        hit = self._cache.get(key)
+        if hit is None or hit[0]() is not weight or hit[1] != weight._version:
+            w = torch.where(mask, weight, torch.zeros((), dtype=weight.dtype, device=weight.device))
+            hit = (weakref.ref(weight), weight._version, torch.sparse.to_sparse_semi_structured(w))
+            self._cache = {key: hit} if len(self._cache) > 64 else dict(self._cache, **{key: hit})
+        return torch.nn.functional.linear(x, hit[2], bias)
+
+
+SEMI_STRUCTURED = _SemiStructured()
+
+
+def _semi_structured_ok(layout, m, weight):
+    if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16) or not layout.is_2_4:
+        return False
+    if torch.is_grad_enabled() and weight.requires_grad:
+        return False
+    n, k = layout.shape
+    if n % 64 or k % 128 or m < 64 or torch.cuda.get_device_capability(weight.device) < (8, 0):
+        return False
+    return hasattr(torch.sparse, "to_sparse_semi_structured")
+
+
+def choose(layout, m, weight, backend, weight_is_masked=False):
+    """The implementation for this call: ``backend`` forced ("cpu", "triton", "torch", "cuda"), else auto."""
+    name = backends.requested(backend)
+    device = weight.device
+    if name != "auto":
+        name = backends.resolve(FAMILY, name, device)  # raises, saying what is missing, when it cannot run
+        return _dense(weight_is_masked) if name == "torch" else backends.implementation(FAMILY, name)
+    if _semi_structured_ok(layout, m, weight):
+        return SEMI_STRUCTURED
+    sparse = backends.resolve(FAMILY, "auto", device)
+    if sparse == "torch" or layout.density == 1.0 or weight.dtype == torch.float64 and sparse == "triton":
+        return _dense(weight_is_masked or layout.density == 1.0)
+    if layout.nnzb == 0 or predicted_speedup(layout, m, device.type) >= MARGIN:
+        return backends.implementation(FAMILY, sparse)
+    return _dense(weight_is_masked)

@@ -1,0 +1,141 @@
+"""MaskedLinear: an nn.Linear whose weight carries a mask, computed on block-sparse kernels where that pays.
+
+The weight follows nnopt.prune's mask contract: it holds exact zeros at masked entries, the bool buffer
+``weight_mask`` (True = kept) sits beside it and is the weight's mask in nnopt.sparsity, so nnopt optimizers keep
+the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
+state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
+"""
+
+import torch
+
+from nnopt.nn import dispatch, functional
+from nnopt.prune import _contract
+
+
+class MaskedLinear(torch.nn.Linear):
+    """``y = x (W ⊙ mask)ᵀ + b`` for x [..., in_features]; a drop-in nn.Linear (same parameters and state_dict keys,
+    plus the ``weight_mask`` buffer [out_features, in_features], bool).
+
+    ``block_size`` (block_n, block_k) tiles the mask for the block-sparse kernels; ``backend`` as in
+    nnopt.nn.functional.masked_linear (default "auto": dense where sparsity does not pay).
+    """
+
+    _nnopt_masks_own_grad = True  # nnopt.prune's contract: backward already zeroes dW at masked entries
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, mask=None,
+                 block_size=(32, 32), backend="auto"):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.block_size = tuple(block_size)
+        self.backend = backend
+        self.set_mask(mask)
+
+    @classmethod
+    def from_linear(cls, linear, mask=None, **kwargs):
+        """A MaskedLinear sharing ``linear``'s parameters (the same tensors) and masked by ``mask`` (default: the
+        mask ``linear.weight`` already carries under nnopt.prune, else all True)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        if mask is None and "weight_mask" in linear._buffers:
+            mask = linear._buffers["weight_mask"]
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        layer.weight = linear.weight
+        layer.bias = linear.bias
+        layer.block_size = tuple(kwargs.pop("block_size", (32, 32)))
+        layer.backend = kwargs.pop("backend", "auto")
+        if kwargs:
+            raise TypeError(f"from_linear: unexpected arguments {sorted(kwargs)}")
+        layer._plan = None
+        layer.set_mask(mask)
+        layer.train(linear.training)
+        return layer
+
+    def to_linear(self):
+        """A plain nn.Linear sharing this layer's parameters; its weight keeps the zeros and, under nnopt.prune's
+        contract, the mask (so pruning stays in force there)."""
+        linear = torch.nn.Linear.__new__(torch.nn.Linear)
+        torch.nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        linear.weight, linear.bias = self.weight, self.bias
+        linear.train(self.training)
+        if not bool(self.weight_mask.all()):
+            _contract.apply_mask(linear, "weight", self.weight_mask)
+        return linear
+
+    def set_mask(self, mask=None):
+        """Sets the mask (bool [out_features, in_features]; None = all True) and zeroes the masked weights."""
+        if mask is None:
+            mask = torch.ones_like(self.weight, dtype=torch.bool)
+        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+            raise TypeError(f"MaskedLinear: mask must be a bool tensor, got {got}")
+        if mask.shape != self.weight.shape:
+            raise ValueError(f"MaskedLinear: mask has shape {tuple(mask.shape)}, weight has shape "
+                             f"{tuple(self.weight.shape)}")
+        _contract.apply_mask(self, "weight", mask)
+        self._plan = None
+        return self
+
+    @property
+    def sparsity(self):
+        """Fraction of masked (zero) weight entries."""
+        return 1.0 - float(self.weight_mask.float().mean())
+
+    def forward(self, x):
+        if torch.compiler.is_compiling() and self._plan is not None:
+            # Under torch.compile: the layout and implementation the last eager call chose (the registry and the
+            # layout cache are host bookkeeping, not traceable); the products are registered ops with fakes.
+            layout, impl = self._plan
+            return functional.apply(x, self.weight, self.weight_mask, self.bias, layout, impl)
+        layout = dispatch.cached_layout(self.weight_mask, *self.block_size)
+        impl = dispatch.choose(layout, x.numel() // max(1, x.shape[-1]), self.weight, self.backend, True)
+        self._plan = (layout, impl)
+        return functional.masked_linear(x, self.weight, self.weight_mask, self.bias, self.backend, layout=layout,
+                                        weight_is_masked=True, impl=impl)
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        return dict(state, _plan=None)  # host bookkeeping (closures): rebuilt by the next call
+
+    def _apply(self, fn, *args, **kwargs):
+        self._plan = None  # a new device or dtype: choose again
+        return super()._apply(fn, *args, **kwargs)
+
+    def extra_repr(self):
+        return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}, block_size={self.block_size}"
+
+
+def _matches(name, module, include, exclude):
+    import fnmatch
+
+    if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
+        return False
+    return not (exclude is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
+
+
+def convert(model, include=None, exclude=None, types=(torch.nn.Linear,), **kwargs):
+    """Replaces, in place, each ``nn.Linear`` of ``model`` (exact type in ``types``; names filtered by glob
+    patterns ``include``/``exclude``) by a MaskedLinear sharing its parameters and mask. Returns ``model``;
+    ``model`` itself is converted and returned when it is a Linear."""
+    if isinstance(model, MaskedLinear):
+        return model
+    if type(model) in types and not isinstance(model, MaskedLinear):
+        return MaskedLinear.from_linear(model, **kwargs)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            full = f"{name}.{child_name}" if name else child_name
+            if type(child) in types and _matches(full, child, include, exclude):
+                setattr(module, child_name, MaskedLinear.from_linear(child, **kwargs))
+    return model
+
+
+def unconvert(model):
+    """Replaces, in place, each MaskedLinear of ``model`` by an nn.Linear sharing its parameters (and mask)."""
+    if isinstance(model, MaskedLinear):
+        return model.to_linear()
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, MaskedLinear):
+                setattr(module, child_name, child.to_linear())
+    return model
