@@ -67,6 +67,16 @@ TORCH_LIBRARY(nnopt, m) {
   m.def(
       "masked_linear_dw(Tensor dy, Tensor x, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor full, "
       "int block_n, int block_k) -> Tensor");
+
+  // Fused distillation loss (family: distill_loss; definitions: nnopt/reference/distill_loss.py): returns
+  // (loss, d loss / d student) for student and teacher logits [B, V] (contiguous, one dtype, one device) and
+  // target [B] int64 or None: per row alpha * scale * soft + (1 - alpha) * cross_entropy(student, target), soft
+  // = KL(p_t || p_s), KL(p_s || p_t) or the beta-JSD of p_s = softmax(student / T), p_t = softmax(teacher / T);
+  // rows with target == ignore_index drop out of both terms and of the batchmean/mean count. loss is 0-dim
+  // ([B] for reduction "none") and grad [B, V] (empty when need_grad is false), both in the logits' dtype.
+  m.def(
+      "distill_loss_fwd(Tensor student, Tensor teacher, Tensor? target, *, float temperature, float alpha, "
+      "str kind, float beta, float scale, int ignore_index, str reduction, bool need_grad=True) -> (Tensor, Tensor)");
 }
 
 // `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.

@@ -13,6 +13,7 @@ OPS = {
     "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
     "select": ("select_histogram",),
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw"),
+    "distill_loss": ("distill_loss_fwd",),
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
 _INPLACE = {"fused_optim", "select"}
@@ -57,10 +58,18 @@ def _register_fakes():
             (dy.shape[0], weight.shape[1])))
     torch.library.register_fake("nnopt::masked_linear_dw")(
         lambda dy, x, mask, row_ptr, col_idx, full, block_n, block_k: x.new_empty((dy.shape[1], x.shape[1])))
+    # The distillation loss returns (loss: 0-dim or [B] for "none", grad: like student or empty).
+    torch.library.register_fake("nnopt::distill_loss_fwd")(_distill_loss_fake)
 
 
 def _noop(*args, **kwargs):
     return None
+
+
+def _distill_loss_fake(student, teacher, target, *, temperature, alpha, kind, beta, scale, ignore_index, reduction,
+                       need_grad=True):
+    loss = student.new_empty((student.shape[0],) if reduction == "none" else ())
+    return loss, student.new_empty(student.shape if need_grad else (0,))
 
 
 @functools.lru_cache(maxsize=None)

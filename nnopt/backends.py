@@ -24,10 +24,11 @@ AUTO_ORDER = {
     "fused_optim": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "select": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "masked_linear": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    "distill_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
 
 # Families whose GPU kernels are Triton only (cuBLAS-class dense tiles are Triton's strength).
-_NO_CUDA_KERNELS = {"masked_linear"}
+_NO_CUDA_KERNELS = {"masked_linear", "distill_loss"}
 
 _current = contextvars.ContextVar("nnopt_backend", default=None)
 
