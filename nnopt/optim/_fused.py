@@ -17,11 +17,17 @@ arguments (``_hyper``). Everything else is here, once:
 - GradScaler: ``grad_scale`` and ``found_inf`` (set on the optimizer by ``GradScaler.step``) go into the kernels,
   which unscale the gradients; a step with a non-finite gradient changes no parameter and no state (device step
   counts advance by ``1 - found_inf``). No host synchronisation, except while a plan is (re)built (the first
-  step, after a change of parameters or state) or for CPU parameters, whose counts live on the host.
+  step, after a change of parameters or state) or for CPU parameters, whose counts live on the host;
+- DTensor parameters (FSDP2's ``fully_shard``, tensor parallelism): the step runs on each rank's local shards,
+  one kernel call per group of them, as for plain tensors. ``self.state`` keeps DTensors (created with
+  ``zeros_like(p)``, so sharded like the parameter: ``torch.distributed.checkpoint`` saves and reshards them); the
+  plan holds their local tensors, and a mask attached to a DTensor parameter must be a DTensor sharded like it
+  (``nnopt.distributed.shard_masks``). Plain parameters pay one type check per tensor when a plan is built.
 """
 
 import math
 import operator
+import sys
 
 import torch
 
@@ -39,6 +45,18 @@ def check_nonneg(value, what):
 
 def _as_float(value):
     return float(value.item()) if isinstance(value, torch.Tensor) else float(value)
+
+
+def _dtensor_type():
+    """torch's DTensor class when torch.distributed.tensor is loaded, else None: no DTensor can exist before that
+    import, and ``import nnopt`` does not pay for it."""
+    mod = sys.modules.get("torch.distributed.tensor")
+    return getattr(mod, "DTensor", None)
+
+
+def _local(t, dtensor):
+    """The local shard of a DTensor (the tensor itself, under no_grad: in-place updates reach the DTensor)."""
+    return t.to_local() if isinstance(t, dtensor) else t
 
 
 class FusedOptimizer(torch.optim.Optimizer):
@@ -210,16 +228,21 @@ class FusedOptimizer(torch.optim.Optimizer):
             return 0.0, lr.detach().reshape(1).to(device=device, dtype=torch.float32)
         return float(lr), None
 
-    def _fingerprint(self, group, has):
+    def _fingerprint(self, group, has, dtensor=None):
         """Every object a plan depends on, compared by identity each step: the parameters, their state dicts
-        and state tensors, their masks, and the kernel's configuration."""
+        and state tensors, their masks, and the kernel's configuration. With ``dtensor`` (the DTensor class, for
+        plans holding DTensors) also the local tensors of the DTensors: FSDP2 may give a sharded parameter a new
+        local tensor (``reset_sharded_param``) while the DTensor object stays."""
         params = [p for p, h in zip(group["params"], has) if h]
         states = [self.state.get(p) for p in params]
         keys = [n for n in self._state_lists(group) if n is not None] + ["master_param", "step"]
         tensors = [st.get(k) if st is not None else None for st in states for k in keys]
         masks = [getattr(p, sparsity._ATTR, None) for p in params]
         config = (tuple(self._state_lists(group)), group["master_weights"], group["l1"] != 0)
-        return params + states + tensors + masks, config
+        objs = params + states + tensors + masks
+        if dtensor is not None:
+            objs += [t.to_local() for t in params + tensors + masks if isinstance(t, dtensor)]
+        return objs, config
 
     def _check(self, gi, group):
         """(plan or None, grads, has, fingerprint): the cached plan while nothing it depends on changed."""
@@ -228,7 +251,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         has = [g is not None for g in grads]
         plan = self._plans.get(id(group))
         if plan is not None and plan.group is group and plan.has == has and not plan.stale:
-            objs, config = self._fingerprint(group, has)
+            objs, config = self._fingerprint(group, has, plan.dtensor)
             if config == plan.config and len(objs) == len(plan.objs) and all(map(operator.is_, objs, plan.objs)):
                 return plan, grads, has, None
         for i, g in enumerate(grads):
@@ -241,6 +264,9 @@ class FusedOptimizer(torch.optim.Optimizer):
         where = f"parameter {i} of param group {gi}"
         if g.device != p.device:
             raise ValueError(f"{name}: {where} is on {p.device} but its gradient is on {g.device}")
+        dtensor = _dtensor_type()
+        if dtensor is not None and (isinstance(p, dtensor) or isinstance(g, dtensor)):
+            _check_sharding(name, where, p, g, sparsity.get_mask(p), dtensor)
         if g.is_sparse:
             if not self._supports_sparse:
                 raise RuntimeError(f"{name} does not support sparse gradients ({where})")
@@ -294,20 +320,24 @@ class FusedOptimizer(torch.optim.Optimizer):
                    sparsity.get_mask(p) is not None, "master_param" in state, self._bucket_extra(group, state))
             buckets.setdefault(key, []).append((i, j))
         plan = _Plan(group, has, sparse, [(entry[0], on_device) for (_, on_device), entry in counts.items()])
+        dtensor = _dtensor_type()
+        if dtensor is not None and any(isinstance(params[i], dtensor) for i in idx):
+            plan.dtensor = dtensor
         for (device, _, where, _, masked, has_master, extra), members in buckets.items():
             self._prepare(group, [params[i] for i, _ in members], extra)
             count = None
             if where is not None:  # this bucket's (uniform) step count: a one-element view
                 rep = members[0][1]
                 count = (counts[where][0][rep:rep + 1], where[1])
-            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master, count))
+            plan.buckets.append(self._make_bucket(group, device, extra, members, masked, has_master, count,
+                                                  plan.dtensor))
             if extra is False:
                 plan.stale = True  # SGD's first momentum step creates buffers: the next step needs a new plan
-        plan.objs, plan.config = self._fingerprint(group, has)
+        plan.objs, plan.config = self._fingerprint(group, has, plan.dtensor)
         self._plans[id(group)] = plan
         return plan
 
-    def _make_bucket(self, group, device, extra, members, masked, has_master, count):
+    def _make_bucket(self, group, device, extra, members, masked, has_master, count, dtensor=None):
         params = group["params"]
         names = self._state_lists(group)
         ps = [params[i] for i, _ in members]
@@ -317,10 +347,20 @@ class FusedOptimizer(torch.optim.Optimizer):
                 lists[n] = [self.state[p][n] for p in ps]
         lists["masters"] = [self.state[p]["master_param"] for p in ps] if has_master else []
         lists["masks"] = [sparsity.get_mask(p) for p in ps] if masked else []
+        local_grads = None
+        if dtensor is not None and any(isinstance(p, dtensor) for p in ps):
+            # The kernels run on the local shards; self.state keeps the DTensors (checkpoints see the sharding).
+            where = type(self).__name__
+            for k, ts in lists.items():
+                for j, t in enumerate(ts):
+                    if k != "params" and isinstance(ps[j], dtensor):
+                        _check_state_sharding(where, k, ps[j], t, dtensor)
+            lists = {k: [_local(t, dtensor) for t in ts] for k, ts in lists.items()}
+            local_grads = dtensor
         # Complex or non-contiguous parameters are rearranged at each launch (see _layout): only they pay.
         special = [j for j, p in enumerate(ps)
                    if p.is_complex() or not all(ts[j].is_contiguous() for ts in lists.values() if ts)]
-        return _Bucket(device, extra, [i for i, _ in members], count, lists, names, special)
+        return _Bucket(device, extra, [i for i, _ in members], count, lists, names, special, local_grads)
 
     def _run(self, group, plan, grads, grad_scale, found_inf):
         for i in plan.sparse:
@@ -337,6 +377,8 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _launch(self, group, plan, b, grads, grad_scale, found_inf):
         lists = b.lists
         gs = [grads[i] for i in b.idx]
+        if b.local_grads is not None:
+            gs = [_local(g, b.local_grads) for g in gs]
         writeback = []
         if b.special:
             lists = {k: list(v) for k, v in lists.items()}
@@ -365,6 +407,33 @@ class FusedOptimizer(torch.optim.Optimizer):
                                 found_inf=found_inf, **hyper)
         for dst, src in writeback:
             dst.copy_(src)
+
+
+def _sharding(t):
+    return t.device_mesh, tuple(t.placements)
+
+
+def _check_sharding(name, where, p, g, mask, dtensor):
+    """A DTensor parameter's gradient and mask must be DTensors sharded like it (the kernel pairs local shards)."""
+    if not isinstance(p, dtensor):
+        raise TypeError(f"{name}: {where} is a plain tensor but its gradient is a DTensor")
+    if not isinstance(g, dtensor):
+        raise TypeError(f"{name}: {where} is a DTensor but its gradient is a plain tensor")
+    if _sharding(g) != _sharding(p):
+        raise ValueError(f"{name}: {where} has placements {p.placements} but its gradient has {g.placements}")
+    if mask is not None and (not isinstance(mask, dtensor) or _sharding(mask) != _sharding(p)):
+        got = mask.placements if isinstance(mask, dtensor) else "a plain tensor"
+        raise ValueError(f"{name}: the mask of {where} must be a DTensor sharded like it ({p.placements}), got "
+                         f"{got}; nnopt.distributed.shard_masks(model) shards the masks of a fully_shard model")
+
+
+def _check_state_sharding(name, key, p, t, dtensor):
+    """A state tensor (or master, or mask) of a DTensor parameter must be sharded like it, with the same local
+    shape: one loaded from an unsharded checkpoint with torch.optim's load_state_dict is not."""
+    if not isinstance(t, dtensor) or _sharding(t) != _sharding(p) or t.to_local().shape != p.to_local().shape:
+        got = f"a DTensor with placements {t.placements}" if isinstance(t, dtensor) else "a plain tensor"
+        raise ValueError(f"{name}: the {key} of a DTensor parameter ({p.placements}) is {got}; load sharded "
+                         "checkpoints with torch.distributed.checkpoint.state_dict.set_optimizer_state_dict")
 
 
 def _dense_flat(t):
@@ -414,15 +483,17 @@ class _Plan:
         self.buckets = []
         self.stale = False
         self.objs, self.config = [], None
+        self.dtensor = None  # the DTensor class when the plan holds DTensors (their local tensors are fingerprinted)
 
 
 class _Bucket:
     """One kernel call: parameters sharing device, dtype, step count, mask and master presence. ``count`` is
     (a one-element view of the step count they share, whether the kernel reads it there), or None."""
 
-    def __init__(self, device, extra, idx, count, lists, names, special):
+    def __init__(self, device, extra, idx, count, lists, names, special, local_grads=None):
         self.device, self.extra, self.idx, self.count = device, extra, idx, count
         self.lists, self.names, self.special = lists, names, special
+        self.local_grads = local_grads  # the DTensor class when the kernel takes the gradients' local shards
 
 
 def bias_corrections(beta1, beta2, step):

@@ -19,6 +19,14 @@ themselves, with no ``abs()`` copy. Each pass reads every tensor once; extra mem
 threads) in
 the kernels). The backends differ only in the primitive and its field width: 16 bits (2 passes over float32) on
 CPU, 8 bits (4 passes) on GPU, where a 256-bin per-program histogram is cheap to merge with integer atomics.
+
+Sharded tensors: a histogram is a sum, so the selection over a list sharded across processes is the same walk with
+each pass's local histogram summed across the shards: one integer all-reduce of 2**bits bins per pass (exact, so
+every rank takes the same bin and ends with the same tau and n_less as one process holding every tensor).
+``Shards`` works out the local pieces and the process groups: DTensor scores (FSDP2's ``fully_shard``, tensor
+parallelism) reduce over the mesh dimensions that shard them (an entry replicated over such a dimension is counted
+on its first coordinate only); plain tensors with ``group=`` are taken as this rank's pieces of a list sharded over
+``group``. Every rank then makes the same calls (same k, dtypes, backend field width) and gets the same answer.
 """
 
 import struct
@@ -56,6 +64,84 @@ def decode(key, key_bits, dtype):
     return struct.unpack("<e", struct.pack("<H", u))[0]
 
 
+class Shards:
+    """The local pieces of a list of (maybe sharded) scores and masks, and how to sum counts over the shards.
+
+    ``scores``/``masks``: local tensors, in the order given (an entry replicated over a reducing mesh dimension is
+    an empty view on every coordinate but the first, so each entry is counted once). ``groups``: process groups to
+    all-reduce over in turn (empty when nothing is sharded). ``position``/``count``: this rank's index among the
+    shards and their number (the shard order of Shard(0) placements is the flat order of each tensor).
+    """
+
+    def __init__(self, scores, masks=None, group=None):
+        scores = list(scores)
+        masks = [None] * len(scores) if masks is None else list(masks)
+        self.groups, self.position, self.count = [], 0, 1
+        self.positions = [0] * len(scores)  # per tensor: the position whose shard this rank holds (replicas: first)
+        dtensor = _dtensor_type()
+        sharded = [dtensor is not None and isinstance(t, dtensor) for t in scores]
+        if not any(sharded):
+            if any(dtensor is not None and isinstance(m, dtensor) for m in masks):
+                raise ValueError("kth_smallest: a mask is a DTensor but its scores are plain tensors")
+            self.scores, self.masks = scores, masks
+            if group is not None:
+                import torch.distributed as dist
+
+                self.groups = [group]
+                self.position, self.count = dist.get_rank(group), dist.get_world_size(group)
+                self.positions = [self.position] * len(scores)
+            return
+        if not all(sharded):
+            raise ValueError("kth_smallest: scores mix DTensors and plain tensors; pass all of one kind")
+        if group is not None:
+            raise ValueError("kth_smallest: group= is for plain tensors; DTensors reduce over their own mesh")
+        mesh = scores[0].device_mesh
+        dims = set()
+        for i, (t, m) in enumerate(zip(scores, masks)):
+            if t.device_mesh != mesh:
+                raise ValueError(f"kth_smallest: scores[{i}] is on another device mesh than scores[0]")
+            if m is not None and (not isinstance(m, dtensor) or m.device_mesh != mesh or m.placements != t.placements):
+                raise ValueError(f"kth_smallest: masks[{i}] must be a DTensor sharded like scores[{i}] "
+                                 f"({t.placements})")
+            for d, p in enumerate(t.placements):
+                if p.is_partial():
+                    raise ValueError(f"kth_smallest: scores[{i}] has a Partial placement; reduce it first")
+                if p.is_shard():
+                    dims.add(d)
+        dims = sorted(dims)
+        self.scores, self.masks = [], []
+        for t, m in zip(scores, masks):
+            s, m = t.to_local(), None if m is None else m.to_local()
+            if any(not t.placements[d].is_shard() and mesh.get_local_rank(d) != 0 for d in dims):
+                s, m = s.reshape(-1)[:0], None  # a replica: counted on the first coordinate
+            self.scores.append(s)
+            self.masks.append(m)
+        self.groups = [mesh.get_group(d) for d in dims]
+        for d in dims:
+            self.position = self.position * mesh.size(d) + mesh.get_local_rank(d)
+            self.count *= mesh.size(d)
+        for i, t in enumerate(scores):
+            pos = 0
+            for d in dims:
+                pos = pos * mesh.size(d) + (mesh.get_local_rank(d) if t.placements[d].is_shard() else 0)
+            self.positions[i] = pos
+
+    def all_reduce(self, t):
+        """Sums ``t`` (an integer tensor) over the shards, in place; returns it."""
+        if self.groups:
+            import torch.distributed as dist
+
+            for g in self.groups:
+                dist.all_reduce(t, group=g)
+        return t
+
+
+def _dtensor_type():
+    import sys
+
+    return getattr(sys.modules.get("torch.distributed.tensor"), "DTensor", None)
+
+
 def _check(scores, masks, k):
     if isinstance(k, bool) or not isinstance(k, int):
         try:
@@ -89,9 +175,16 @@ def _check(scores, masks, k):
 
 
 @torch.no_grad()
-def select(histogram, scores, masks, k, bits, magnitude=False):
+def select(histogram, scores, masks, k, bits, magnitude=False, reduce=None):
     """The radix-select driver over the primitive ``histogram`` (a backend's ``select_histogram``), ``bits`` per
-    pass. Returns (tau, n_less); see ``kth_smallest``."""
+    pass; ``reduce`` (a Shards' all_reduce, or None) sums each pass's histogram across shards. Returns (tau,
+    n_less); see ``kth_smallest``."""
+    return select_with_count(histogram, scores, masks, k, bits, magnitude, reduce)[:2]
+
+
+@torch.no_grad()
+def select_with_count(histogram, scores, masks, k, bits, magnitude=False, reduce=None):
+    """``select``, returning (tau, n_less, n_equal): n_equal the number of eligible entries equal to tau."""
     scores, masks, k, device = _check(scores, masks, k)
     key_bits = key_bits_of(s.dtype for s in scores)
     bits = min(bits, key_bits)
@@ -100,6 +193,8 @@ def select(histogram, scores, masks, k, bits, magnitude=False):
         shift -= bits
         hist = torch.zeros(1 << bits, dtype=torch.int64, device=device)
         histogram(hist, scores, masks, key_bits, shift, bits, prefix, bool(magnitude))
+        if reduce is not None:
+            reduce(hist)
         counts = hist.cpu()
         cum = counts.cumsum(0)
         if first:
@@ -112,10 +207,10 @@ def select(histogram, scores, masks, k, bits, magnitude=False):
         n_less += below
         k -= below
         prefix = (prefix << bits) | b
-    return decode(prefix, key_bits, scores[0].dtype), n_less
+    return decode(prefix, key_bits, scores[0].dtype), n_less, int(counts[b])
 
 
-def kth_smallest(scores, masks, k, backend=None, magnitude=False):
+def kth_smallest(scores, masks, k, backend=None, magnitude=False, group=None):
     """The k-th smallest eligible value over a list of tensors, exactly, without concatenating them.
 
     scores: list of floating tensors (float32, float64, bfloat16, float16; any shapes; one device).
@@ -125,9 +220,19 @@ def kth_smallest(scores, masks, k, backend=None, magnitude=False):
     -0.0 and +0.0 are one value, returned as +0.0), n_less the number of eligible entries strictly below tau.
     The entries <= tau number at least k; exactly k when tau is not tied. magnitude=True ranks |score| instead
     (tau is then a magnitude), reading the scores themselves: no abs() copy. backend: see nnopt.backends.
+
+    Sharded lists (see the module docstring): DTensor scores and masks (masks sharded like their scores), or plain
+    tensors with ``group=`` (this rank's pieces); k and the answer are global, and every rank of the shards must
+    call with the same k, dtypes and backend.
     """
-    scores = list(scores)
+    return kth_smallest_sharded(Shards(scores, masks, group), k, backend, magnitude)[:2]
+
+
+def kth_smallest_sharded(shards, k, backend=None, magnitude=False):
+    """``kth_smallest`` over a ``Shards``; returns (tau, n_less, n_equal)."""
+    scores = shards.scores
     device = scores[0].device if scores else torch.device("cpu")
     name = backends.resolve(FAMILY, backend, device)
     impl = backends.implementation(FAMILY, name)
-    return select(impl.select_histogram, scores, masks, k, RADIX_BITS[name], magnitude)
+    reduce = shards.all_reduce if shards.groups else None
+    return select_with_count(impl.select_histogram, scores, shards.masks, k, RADIX_BITS[name], magnitude, reduce)

@@ -10,6 +10,12 @@ the first ``k - n_less`` eligible entries equal to ``tau`` (lowest index first, 
 ``amount`` is relative to the entries still unpruned across all the tensors, as in torch. ``L1Unstructured``
 ranks |importance_scores| (default |weight|), ``RandomUnstructured`` ranks uniform random numbers; any other
 unstructured ``BasePruningMethod`` subclass falls back to torch's concatenating computation.
+
+Sharded parameters (DTensors: FSDP2's ``fully_shard``): every rank selects over its local shards with the
+histograms summed across ranks (nnopt.prune._select), so tau, n_less and the masks equal one process's; ties at
+tau go lowest index first in each tensor's flat order when it is sharded along dim 0 (FSDP2's Shard(0)): a table of
+per-shard tie counts, one all-reduce, gives each rank its share. The masks are DTensors sharded like the
+parameters (nnopt.distributed.shard_masks prepares the modules). Every rank must make the same call.
 """
 
 import numbers
@@ -20,7 +26,7 @@ from torch.nn.utils import prune as _tp
 
 from nnopt.prune._contract import MASK_SUFFIX, apply_mask, get_param
 from nnopt.prune.methods import check_amount
-from nnopt.prune._select import kth_smallest
+from nnopt.prune._select import Shards, _dtensor_type, kth_smallest_sharded
 
 
 _SLICE = 1 << 18  # entries per slice of the masking pass: temporaries stay a few MB whatever the model size
@@ -30,12 +36,19 @@ _SLICE = 1 << 18  # entries per slice of the masking pass: temporaries stay a fe
 def _masks_from_threshold(scores, masks, k, magnitude):
     """Yields the new bool masks, keeping all but the k smallest eligible scores (|scores| when ``magnitude``;
     ties at the threshold: lowest index first), one at a time and built slice by slice into the mask itself."""
-    tau, n_less = kth_smallest(scores, masks, k, magnitude=magnitude)
+    shards = Shards(scores, masks)
+    tau, n_less, n_equal = kth_smallest_sharded(shards, k, magnitude=magnitude)
     ties = k - n_less
     dtypes = {s.dtype for s in scores}
     # compare in a type that holds tau exactly: the selection ranked mixed dtypes in their widest one
     wide = torch.float64 if torch.float64 in dtypes else torch.float32 if len(dtypes) > 1 else None
-    for s, m in zip(scores, masks):
+    # Sharded, with more entries at tau than are pruned: each rank's share of the ties (else every rank prunes
+    # all of its entries at tau: they number at most n_equal == ties)
+    budgets = _tie_budgets(shards, tau, ties, magnitude, wide) if shards.groups and n_equal > ties else None
+    for i, (t, m) in enumerate(zip(scores, masks)):
+        s, m = (t.to_local(), m.to_local() if m is not None else None) if shards.groups else (t, m)
+        if budgets is not None:
+            ties = budgets[i]
         flat = s.reshape(-1)
         out = m.clone() if m is not None else torch.ones(s.shape, dtype=torch.bool, device=s.device)
         out_flat = out.view(-1)
@@ -54,7 +67,36 @@ def _masks_from_threshold(scores, masks, k, magnitude):
                 keep |= x == tau
             keep |= torch.isnan(x)  # the selection ranks NaN last: never among the k pruned
             out_flat[a:a + _SLICE] &= keep
+        if shards.groups:
+            from torch.distributed.tensor import DTensor
+
+            out = DTensor.from_local(out, t.device_mesh, t.placements, run_check=False, shape=t.shape,
+                                     stride=t.stride())
         yield out
+
+
+def _eq(x, tau, magnitude, wide):
+    x = x.abs() if magnitude else x
+    return (x.to(wide) if wide is not None else x) == tau
+
+
+def _tie_budgets(shards, tau, ties, magnitude, wide):
+    """How many of its eligible entries equal to tau each local tensor prunes, so that across the shards the
+    ``ties`` pruned are the first in (tensor, shard, index) order: one all-reduce of a [shards, tensors] table."""
+    n = len(shards.scores)
+    device = shards.scores[0].device
+    table = torch.zeros(shards.count, n, dtype=torch.int64, device=device)
+    for i, (s, m) in enumerate(zip(shards.scores, shards.masks)):
+        flat, mf = s.reshape(-1), None if m is None else m.reshape(-1)
+        for a in range(0, flat.numel(), _SLICE):
+            at = _eq(flat[a:a + _SLICE], tau, magnitude, wide)
+            if mf is not None:
+                at &= mf[a:a + _SLICE]
+            table[shards.position, i] += at.sum()
+    counts = shards.all_reduce(table).t().reshape(-1).cpu()  # (tensor, shard) order
+    before = counts.cumsum(0) - counts
+    budget = (ties - before).clamp(0).minimum(counts).view(n, shards.count)
+    return [int(budget[i, shards.positions[i]]) for i in range(n)]
 
 
 def global_unstructured(parameters, pruning_method, importance_scores=None, **kwargs):
@@ -76,7 +118,7 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
     if method.PRUNING_TYPE != "unstructured":
         raise TypeError('Only "unstructured" PRUNING_TYPE supported for the `pruning_method`. '
                         f"Found method {pruning_method} of type {method.PRUNING_TYPE}")
-    tensors, scores, masks = [], [], []
+    tensors, scores = [], []
     for module, name in parameters:
         t = get_param(module, name)
         s = importance_scores.get((module, name), t)
@@ -85,8 +127,14 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
                                  f"of the parameter, got {getattr(s, 'shape', type(s).__name__)}")
         tensors.append(t)
         scores.append(s.detach())
-        masks.append(module._buffers.get(name + MASK_SUFFIX))
-    remaining = sum(int(m.sum()) if m is not None else t.numel() for t, m in zip(tensors, masks))
+    sharded = _prepare_sharded(parameters, tensors)
+    masks = [module._buffers.get(name + MASK_SUFFIX) for module, name in parameters]
+    if sharded:
+        shards = Shards(tensors, masks)
+        remaining = sum(int(m.sum()) if m is not None else s.numel() for s, m in zip(shards.scores, shards.masks))
+        remaining = int(shards.all_reduce(torch.tensor([remaining], device=shards.scores[0].device)))
+    else:
+        remaining = sum(int(m.sum()) if m is not None else t.numel() for t, m in zip(tensors, masks))
 
     if type(method) in (_tp.L1Unstructured, _tp.RandomUnstructured):
         amount = method.amount
@@ -98,10 +146,25 @@ def global_unstructured(parameters, pruning_method, importance_scores=None, **kw
             new = _masks_from_threshold(scores, masks, k, magnitude=True)
         else:
             new = _masks_from_threshold([torch.rand_like(t, dtype=torch.float32) for t in tensors], masks, k, False)
+    elif sharded:
+        raise TypeError(f"global_unstructured on DTensor parameters supports L1Unstructured and RandomUnstructured, "
+                        f"not {pruning_method.__name__}")
     else:
         new = _concatenated(method, tensors, scores, masks)
     for (module, name), mask in zip(parameters, new):
         apply_mask(module, name, mask, copy=False)
+
+
+def _prepare_sharded(parameters, tensors):
+    """Whether any tensor is a DTensor; then the modules get sharded masks first (nnopt.distributed.shard_masks)."""
+    dtensor = _dtensor_type()
+    if dtensor is None or not any(isinstance(t, dtensor) for t in tensors):
+        return False
+    from nnopt.distributed import shard_masks
+
+    for module in {id(m): m for m, _ in parameters}.values():
+        shard_masks(module)
+    return True
 
 
 def _concatenated(method, tensors, scores, masks):

@@ -1,0 +1,2 @@
+"""Runnable examples: ``python -m nnopt.examples.<name>`` (``torchrun ... -m nnopt.examples.<name>`` for the
+distributed ones)."""
