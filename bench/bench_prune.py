@@ -152,19 +152,25 @@ def providers():
     return out
 
 
-def main():
+def main(argv=None):
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="2 × Linear(512, 512)")
     ap.add_argument("--runs", type=int, default=3, help="subprocess runs per nnopt provider (torch runs once)")
     ap.add_argument("--no-record", action="store_true")
-    args = ap.parse_args()
-    layers, width = (2, 512) if args.quick else (6, 4096)
+    args = ap.parse_args(argv)
+    rows = run(args.quick, args.runs, not args.no_record)
+    return 1 if any(r["masks = torch"] != "yes" for r in rows) else 0
+
+
+def run(quick=False, runs=3, record=True):
+    """Times each provider's global L1 pruning in fresh subprocesses; returns the table's rows (dicts)."""
+    layers, width = (2, 512) if quick else (6, 4096)
     rows = []
     for p in providers():
-        runs = [in_subprocess(p, layers, width) for _ in range(1 if p == "torch" else args.runs)]
-        r = runs[0]
-        r["seconds"] = statistics.median(x["seconds"] for x in runs)
-        r["extra_mb"] = max(x["extra_mb"] for x in runs)
+        results = [in_subprocess(p, layers, width) for _ in range(1 if p == "torch" else runs)]
+        r = results[0]
+        r["seconds"] = statistics.median(x["seconds"] for x in results)
+        r["extra_mb"] = max(x["extra_mb"] for x in results)
         rows.append(r)
         print(f"{p:22s} {r['seconds']:8.3f} s  {r['extra_mb']:9.1f} MiB extra", flush=True)
     base = rows[0]
@@ -182,13 +188,13 @@ def main():
     bad = [r["provider"] for r in rows if r["masks = torch"] != "yes"]
     if bad:
         print("MISMATCH:", ", ".join(bad))
-    if not args.no_record:
+    if record:
         size = f"{layers} × Linear({width}, {width}), {base['params'] / 1e6:.1f}M weights, fp32, CPU"
         harness.append_results(
-            f"Global L1 pruning at {AMOUNT:.0%}{' (quick)' if args.quick else ''}",
-            f"Model: {size}. Time of one call (median of {args.runs} fresh subprocesses for nnopt, one for torch); "
+            f"Global L1 pruning at {AMOUNT:.0%}{' (quick)' if quick else ''}",
+            f"Model: {size}. Time of one call (median of {runs} fresh subprocesses for nnopt, one for torch); "
             "extra = rise of peak RSS over RSS before the call (masks included: 1 byte per weight).\n\n" + text)
-    return 1 if bad else 0
+    return rows
 
 
 if __name__ == "__main__":

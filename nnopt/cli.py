@@ -1,4 +1,4 @@
-"""The nnopt command line: `nnopt info` and `nnopt demo` (also `python -m nnopt ...`).
+"""The nnopt command line: `nnopt info`, `nnopt demo` and `nnopt bench` (also `python -m nnopt ...`).
 
 Bad input gives a one-line error and exit code 2, never a traceback.
 """
@@ -38,7 +38,14 @@ def _info(args):
 def _demo(args):
     from nnopt.demo import run
 
-    return run(quick=args.quick, device=args.device, backends_=args.backends, steps=args.steps)
+    return run(quick=args.quick, device=args.device, data=args.data, out=args.out, backend=args.backend,
+               steps=args.steps, progress=not args.no_progress)
+
+
+def _bench(args):
+    from nnopt.benchmarks import run
+
+    return run(args.which, device=args.device, quick=args.quick, json_path=args.json, plot_path=args.plot)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -51,12 +58,24 @@ def main(argv=None):
     parser = _Parser(prog="nnopt", description="nnopt: fused optimizers and sparsity tools for PyTorch")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=_info)
-    demo = sub.add_parser("demo", help="train a small MLP on scikit-learn's digits with every optimizer")
-    demo.add_argument("--quick", action="store_true", help="fewer epochs (for tests and CI)")
+    demo = sub.add_parser("demo", help="train, transfer, prune, distil and time an MLP on digits (or --data)")
+    demo.add_argument("--quick", action="store_true", help="a short run (under a minute on 2 CPU cores)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--backends", default=None, help="comma-separated nnopt backends (default: all available)")
+    demo.add_argument("--data", default=None, help="a .npz (arrays x, y) or IDX files such as MNIST (default: digits)")
+    demo.add_argument("--out", default="nnopt-report", help="report folder (default: ./nnopt-report)")
+    demo.add_argument("--backend", default="auto", help="nnopt backend for the optimizers (default: auto)")
     demo.add_argument("--steps", type=int, default=None, help="training steps per run")
+    demo.add_argument("--no-progress", action="store_true", help="no progress bars")
     demo.set_defaults(func=_demo)
+    from nnopt.benchmarks import BENCHES
+
+    bench = sub.add_parser("bench", help="run the microbenchmarks (ratios vs torch and the measured floor)")
+    bench.add_argument("which", nargs="?", default="all", choices=list(BENCHES) + ["all"])
+    bench.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    bench.add_argument("--quick", action="store_true", help="small shapes and few repeats")
+    bench.add_argument("--json", default=None, help="write the result rows to this JSON file")
+    bench.add_argument("--plot", default=None, help="write a PNG of the speedups to this file")
+    bench.set_defaults(func=_bench)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

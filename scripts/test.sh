@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# The test command of the README: installs torch (CPU wheel pinned), triton, pytest, scikit-learn and nnopt
+# The test command of the README: installs torch (CPU wheel pinned), triton, pytest, scikit-learn, matplotlib and nnopt
 # (building nnopt._C), then runs the whole suite. pytest's exit 5 (no tests collected) counts as failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q "torch==2.13.0" triton pytest scikit-learn numpy ninja setuptools wheel
+"$PY" -m pip install -q "torch==2.13.0" triton pytest scikit-learn numpy matplotlib ninja setuptools wheel
 "$PY" -m pip install -q --no-build-isolation -e .
 "$PY" -m nnopt info
 set +e

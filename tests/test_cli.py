@@ -1,11 +1,24 @@
-"""The CLI: `info` lists every backend with its availability; bad input exits 2 with a one-line error."""
+"""The CLI end to end: `info`, `demo --quick` (report contents, plots), `bench --quick`, and bad input (exit 2,
+one line, no traceback)."""
 
+import json
+import os
 import subprocess
 import sys
 
+import numpy as np
+import pytest
 
-def nnopt(*args):
-    return subprocess.run([sys.executable, "-m", "nnopt", *args], capture_output=True, text=True)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def nnopt(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "nnopt", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def is_png(path):
+    with open(path, "rb") as f:
+        return f.read(8) == PNG_MAGIC and os.path.getsize(path) > 1000
 
 
 def test_info_lists_backends():
@@ -17,18 +30,58 @@ def test_info_lists_backends():
     assert "auto ->" in out.stdout
 
 
-def test_bad_input_exits_2_without_traceback():
-    for args in (["frobnicate"], ["demo", "--device", "tpu"], ["demo", "--backends", "nope"], []):
+def test_bad_input_exits_2_with_one_line(tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.zeros(50), y=np.zeros(50, dtype=np.int64))  # x must be N × features
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    cases = [["frobnicate"], [], ["demo", "--device", "tpu"], ["demo", "--data", str(tmp_path / "missing.npz")],
+             ["demo", "--data", str(bad)], ["demo", "--out", str(a_file / "sub")], ["demo", "--backend", "nope"],
+             ["bench", "nope"], ["bench", "optim", "--json", str(tmp_path / "no" / "dir" / "x.json")]]
+    for args in cases:
         out = nnopt(*args)
         assert out.returncode == 2, (args, out.returncode, out.stderr)
-        assert "Traceback" not in out.stderr
+        assert "Traceback" not in out.stderr, args
+        assert len(out.stderr.strip().splitlines()) <= 1 or args == [], (args, out.stderr)
 
 
-def test_demo_runs_quickly_with_chosen_backends():
-    out = nnopt("demo", "--quick", "--steps", "20", "--backends", "torch")
-    assert out.returncode == 0, out.stderr
-    lines = [line for line in out.stdout.splitlines() if line.startswith(("SGD", "Adam", "Adagrad", "RMSprop"))]
-    assert len(lines) >= 5 * 3
-    for line in lines:
-        acc = float(line.split()[-2])
-        assert 0.0 <= acc <= 1.0
+def test_demo_quick_end_to_end(tmp_path):
+    out = nnopt("demo", "--quick", "--no-progress", "--out", str(tmp_path / "report"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"report: {tmp_path / 'report' / 'report.md'}" in out.stdout
+    res = json.loads((tmp_path / "report" / "results.json").read_text())
+    accs = [r["accuracy"] for r in res["optimizers"]] + [r["accuracy"] for r in res["prune"]["rows"]]
+    accs += [res["distill"][k] for k in ("teacher", "labels_only", "distilled")]
+    assert all(0.0 <= a <= 1.0 for a in accs)
+    assert max(r["accuracy"] for r in res["optimizers"]) > 0.9  # the digits are easy: training worked
+    sparsities = sorted({round(r["sparsity"], 3) for r in res["prune"]["rows"] if "fine-tune" in r["method"]})
+    assert sparsities == [0.9, 0.95]
+    assert {r["optimizer"] for r in res["optimizers"]} >= {"SGD", "SGD+momentum", "Adam"}
+    assert res["transfer"]["widen_deviation"] < 1e-4  # function-preserving growth
+    assert all(r["ms"] > 0 and r["speedup"] > 0 for r in res["speed"]["rows"])
+    assert len(res["plots"]) == 3 and all(is_png(tmp_path / "report" / p) for p in res["plots"])
+    md = (tmp_path / "report" / "report.md").read_text()
+    for section in ("Optimizers", "Transfer", "Pruning", "Distillation", "Inference speed"):
+        assert section in md
+
+
+def test_demo_reads_a_users_npz(tmp_path):
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    np.savez(tmp_path / "mine.npz", x=d.images, y=d.target)  # N × 8 × 8 images, flattened by the demo
+    out = nnopt("demo", "--quick", "--steps", "20", "--no-progress", "--data", str(tmp_path / "mine.npz"),
+                "--out", str(tmp_path / "r"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert json.loads((tmp_path / "r" / "results.json").read_text())["data"] == "mine.npz"
+
+
+@pytest.mark.slow
+def test_bench_quick_end_to_end(tmp_path):
+    out = nnopt("bench", "--quick", "--device", "cpu", "--json", str(tmp_path / "b.json"), "--plot",
+                str(tmp_path / "b.png"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads((tmp_path / "b.json").read_text())["results"]
+    assert set(res) == {"optim", "masked-linear", "prune", "compact", "distill"}
+    assert all(res[k] for k in res)
+    assert is_png(tmp_path / "b.png")

@@ -7,7 +7,8 @@ import pytest
 import torch
 from torch import nn
 
-from nnopt.demo import load_digits, make_mlp
+from nnopt.demo.data import load
+from nnopt.demo.stages import make_mlp
 from nnopt.prune._contract import current_mask
 from nnopt.prune.iterative import iterative
 from nnopt.prune.methods import l1_unstructured
@@ -16,7 +17,7 @@ from nnopt.prune.methods import l1_unstructured
 
 @pytest.fixture(scope="module")
 def digits():
-    return load_digits("cpu")
+    return load(None, "cpu")[:4]
 
 
 def fit(model, data, steps, lr=2e-3, seed=1):
@@ -44,7 +45,7 @@ def weights(model):
 
 @pytest.fixture(scope="module")
 def dense(digits):
-    model = make_mlp()
+    model = make_mlp(64, 10)
     fit(model, digits, 600)
     return model, accuracy(model, digits)
 
