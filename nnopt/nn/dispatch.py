@@ -25,13 +25,14 @@ FAMILY = "masked_linear"
 # Sparse-tile throughput relative to dense GEMM, per device type and tile (block_n, block_k); missing sizes
 # use the nearest listed. Calibrated from bench/bench_masked_linear.py (see bench/RESULTS.md).
 EFFICIENCY = {
-    "cpu": {16: 0.8, 32: 0.85, 64: 0.85},
+    "cpu": {16: 1.0, 32: 1.0, 64: 1.0},  # at 256×4096×4096 the kernels match MKL per tile (1.01–1.13x at 0%)
     "cuda": {16: 0.3, 32: 0.55, 64: 0.7, 128: 0.75},
 }
 # Fixed cost of a sparse call in dense-GEMM flop equivalents (launches, layout reads, allocation).
-OVERHEAD = {"cpu": 2e6, "cuda": 5e7}
+# CPU: at x[64, 512] · W[512, 512]ᵀ (17M flops) the kernels reach 0.9x dense at 25% block sparsity, 1.3x at 75%.
+OVERHEAD = {"cpu": 8e6, "cuda": 5e7}
 # The sparse kernels must be predicted this much faster before auto takes them.
-MARGIN = 1.15
+MARGIN = 1.1
 
 _LAYOUTS = collections.OrderedDict()  # id(mask) -> (weakref to mask, version, block sizes, layout)
 _LAYOUT_CACHE_SIZE = 256
