@@ -105,11 +105,13 @@ def forward_providers(x, w, b, mask, layout, block):
     bsr = _bsr(w, mask, block) if block else None
     if bsr is not None:
         provs["torch BSR"] = (lambda: torch.addmm(b[:, None], bsr[0], x.t()).t(), masked_expected)
+    # The nnopt providers read the pruned weight (zeros in place, as a pruned layer holds it), a tensor of its own:
+    # reading `w` right after torch dense did would find part of it still in the L3 cache and flatter them.
+    wm = w.masked_fill(~mask, 0)
     for name in nnopt_backends(x.device):
         impl = backends.implementation(FAMILY, name)
-        provs[f"nnopt {name}"] = (lambda impl=impl: impl.masked_linear(x, w, mask, b, layout), masked_expected)
+        provs[f"nnopt {name}"] = (lambda impl=impl: impl.masked_linear(x, wm, mask, b, layout), masked_expected)
     # The layer as a user runs it: MaskedLinear's call (weight holding its zeros), auto choosing dense or sparse.
-    wm = w.masked_fill(~mask, 0)
     provs["nnopt MaskedLinear (auto)"] = (
         lambda: masked_linear(x, wm, mask, b, "auto", layout=layout, weight_is_masked=True), masked_expected)
     return provs
@@ -135,12 +137,13 @@ def training_providers(x, w, b, dy, mask, layout, block):
         dy_t = dy.t().contiguous()
         provs["torch BSR"] = (lambda: (torch.addmm(b[:, None], bsr_w, x.t()).t(), (bsr_t @ dy.t()).t(),
                                        torch.sparse.sampled_addmm(mask_csr, dy_t, x, beta=0.0)), masked_expected)
+    wm = w.masked_fill(~mask, 0).requires_grad_()  # the pruned weight (see forward_providers)
+    wd = wm.detach()
     for name in nnopt_backends(x.device):
         impl = backends.implementation(FAMILY, name)
-        provs[f"nnopt {name}"] = (lambda impl=impl: (impl.masked_linear(x, w, mask, b, layout),
-                                                     impl.masked_linear_dx(dy, w, mask, layout),
+        provs[f"nnopt {name}"] = (lambda impl=impl: (impl.masked_linear(x, wd, mask, b, layout),
+                                                     impl.masked_linear_dx(dy, wd, mask, layout),
                                                      impl.masked_linear_dw(dy, x, mask, layout)), masked_expected)
-    wm = w.masked_fill(~mask, 0).requires_grad_()
     xr = x.detach().clone().requires_grad_()
 
     def layer():  # MaskedLinear's autograd path: forward, then backward for dx and dW (auto: dense or sparse)
