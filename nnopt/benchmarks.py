@@ -46,10 +46,13 @@ def _speedups(rows):
     """(label, speedup) pairs for the plot: the first numeric column whose name says 'speedup'."""
     out = []
     for r in rows:
+        if "block" in r:  # a break-even point: drawn as a curve
+            continue
         key = next((k for k in r if "speedup" in k and isinstance(r[k], (int, float))), None)
         if key is not None:
-            label = " ".join(str(r[k]) for k in r if isinstance(r[k], str))[:60]
-            out.append((label, float(r[key])))
+            parts = [f"{v:g}" if isinstance(v, float) and k == "sparsity" else str(v) for k, v in r.items()
+                     if k == "sparsity" or isinstance(v, str)]
+            out.append((" ".join(parts)[:60], float(r[key])))
     return out
 
 
