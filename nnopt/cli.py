@@ -32,6 +32,12 @@ def _info(args):
             print(f"  {name:7s} {'available' if why is None else 'missing: ' + why}")
         if device in devices:
             print(f"  auto -> {backends.resolve('fused_optim', 'auto', device)}")
+            for family in backends.AUTO_ORDER:
+                if family == "fused_optim":
+                    continue
+                rows = [f"{b}: {'yes' if why is None else 'no'}" for b, why in
+                        backends.availability(device, family) if b != "torch"]
+                print(f"  {family:14s} auto -> {backends.resolve(family, 'auto', device):6s} ({', '.join(rows)})")
     return 0
 
 
