@@ -96,14 +96,6 @@ def check(losses, device, dtype, classes):
             raise AssertionError(f"{label}: gradient differs from the reference by {err:.3g} (max |grad| {scale:.3g})")
 
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def measure_memory(label, device, rows, compile_):
     """Peak extra bytes of one forward + backward of provider ``label`` (run in a fresh subprocess)."""
     dtype, _, classes, _ = CONFIGS[torch.device(device).type]
@@ -120,9 +112,9 @@ def measure_memory(label, device, rows, compile_):
         return torch.cuda.max_memory_allocated() - before
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # resets VmHWM to the current RSS
-    before = _status("VmRSS")
+    before = harness.proc_status("VmRSS")
     step(fn, s, t, y)
-    return _status("VmHWM") - before
+    return harness.proc_status("VmHWM") - before
 
 
 def memory_in_subprocess(label, device, rows, compile_):

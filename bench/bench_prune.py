@@ -32,14 +32,6 @@ AMOUNT = 0.9
 SLICE = 1 << 20
 
 
-def _status(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    return 0
-
-
 def _reset_peak():
     try:
         with open("/proc/self/clear_refs", "w") as f:
@@ -109,11 +101,11 @@ def run_one(provider, layers, width):
     small = torch.nn.Sequential(*[torch.nn.Linear(64, 64) for _ in range(2)])
     call(small, [m.weight for m in small], round(AMOUNT * 2 * 64 * 64))
     exact_peak = _reset_peak()
-    rss0, hwm0 = _status("VmRSS"), _status("VmHWM")
+    rss0, hwm0 = harness.proc_status("VmRSS"), harness.proc_status("VmHWM")
     t0 = time.perf_counter()
     masks = call(model, weights, k)
     seconds = time.perf_counter() - t0
-    peak = max(_status("VmHWM"), hwm0 if not exact_peak else 0)
+    peak = max(harness.proc_status("VmHWM"), hwm0 if not exact_peak else 0)
     digest, pruned = _digest(masks) if masks else ("", k)
     if masks:
         # weights tied with the threshold may be pruned in any order: compare the masks off those entries

@@ -72,6 +72,15 @@ def inplace_bandwidth(device, nbytes=None, repeats=15):
     return 2 * x.numel() * 4 / t
 
 
+def proc_status(field):
+    """A memory field of /proc/self/status (VmRSS, VmHWM) in bytes; 0 where the kernel does not report it."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
 def machine():
     """One line naming the machine or card."""
     if torch.cuda.is_available():
