@@ -35,9 +35,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
     np.savez(bad, x=np.zeros(50), y=np.zeros(50, dtype=np.int64))  # x must be N × features
     a_file = tmp_path / "file"
     a_file.write_text("")
+    truncated = tmp_path / "train-images-idx3-ubyte"
+    truncated.write_bytes(b"\x00\x00\x08\x03\x00")
     cases = [["frobnicate"], [], ["demo", "--device", "tpu"], ["demo", "--data", str(tmp_path / "missing.npz")],
              ["demo", "--data", str(bad)], ["demo", "--out", str(a_file / "sub")], ["demo", "--backend", "nope"],
-             ["bench", "nope"], ["bench", "optim", "--json", str(tmp_path / "no" / "dir" / "x.json")]]
+             ["demo", "--data", str(truncated)], ["demo", "--steps", "0"], ["bench", "nope"],
+             ["bench", "optim", "--json", str(tmp_path / "no" / "dir" / "x.json")]]
     for args in cases:
         out = nnopt(*args)
         assert out.returncode == 2, (args, out.returncode, out.stderr)

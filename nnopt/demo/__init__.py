@@ -16,6 +16,8 @@ def run(quick=False, device=None, data=None, out="nnopt-report", backend="auto",
     from nnopt.demo import data as data_mod
     from nnopt.demo import report, stages
 
+    if steps is not None and steps < 1:
+        raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device not in ("cpu", "cuda"):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")

@@ -29,13 +29,18 @@ def _digits():
 
 def _read_idx(path):
     opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
     if len(raw) < 4:
         raise DataError(f"{path}: not an IDX file (too short)")
     zero, dtype_code, ndim = struct.unpack(">HBB", raw[:4])
     if zero != 0 or dtype_code != 0x08 or ndim < 1:
         raise DataError(f"{path}: not an unsigned-byte IDX file")
+    if len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header")
     dims = struct.unpack(">" + "I" * ndim, raw[4:4 + 4 * ndim])
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
@@ -44,7 +49,11 @@ def _read_idx(path):
 
 
 def _idx(path):
-    files = [os.path.join(path, f) for f in sorted(os.listdir(path))] if os.path.isdir(path) else [path]
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    files = [os.path.join(folder, f) for f in sorted(os.listdir(folder))]
+    if not os.path.isdir(path):  # one images file: its labels file is the idx1 file beside it with the same prefix
+        stem = os.path.basename(path).split("images")[0]
+        files = [path] + [f for f in files if "idx1" in os.path.basename(f) and os.path.basename(f).startswith(stem)]
     images = [f for f in files if "idx3" in os.path.basename(f)]
     labels = [f for f in files if "idx1" in os.path.basename(f)]
     if not images or len(images) != len(labels):
@@ -70,6 +79,8 @@ def _npz(path):
     scale = float(np.abs(x).max()) if x.size else 1.0
     x = x / (scale if scale > 1.0 else 1.0)
     xt, yt = arrays.get("x_test"), arrays.get("y_test")
+    if (xt is None) != (yt is None):
+        raise DataError(f"{path}: give both 'x_test' and 'y_test', or neither")
     if xt is not None:
         xt = xt.astype(np.float32) / (scale if scale > 1.0 else 1.0)
     return x, y, xt, yt

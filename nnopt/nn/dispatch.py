@@ -111,10 +111,10 @@ class _SemiStructured:
 SEMI_STRUCTURED = _SemiStructured()
 
 
-def _semi_structured_ok(layout, m, weight):
+def _semi_structured_ok(layout, m, weight, grad_needed):
     if weight.device.type != "cuda" or weight.dtype not in (torch.float16, torch.bfloat16) or not layout.is_2_4:
         return False
-    if torch.is_grad_enabled() and weight.requires_grad:
+    if grad_needed:  # forward only: no gradient for x, weight or bias
         return False
     n, k = layout.shape
     if n % 64 or k % 128 or m < 64 or torch.cuda.get_device_capability(weight.device) < (8, 0):
@@ -122,14 +122,15 @@ def _semi_structured_ok(layout, m, weight):
     return hasattr(torch.sparse, "to_sparse_semi_structured")
 
 
-def choose(layout, m, weight, backend, weight_is_masked=False):
-    """The implementation for this call: ``backend`` forced ("cpu", "triton", "torch", "cuda"), else auto."""
+def choose(layout, m, weight, backend, weight_is_masked=False, grad_needed=True):
+    """The implementation for this call: ``backend`` forced ("cpu", "triton", "torch", "cuda"), else auto.
+    ``grad_needed``: whether the call builds an autograd node (the 2:4 path is inference only)."""
     name = backends.requested(backend)
     device = weight.device
     if name != "auto":
         name = backends.resolve(FAMILY, name, device)  # raises, saying what is missing, when it cannot run
         return _dense(weight_is_masked) if name == "torch" else backends.implementation(FAMILY, name)
-    if _semi_structured_ok(layout, m, weight):
+    if _semi_structured_ok(layout, m, weight, grad_needed):
         return SEMI_STRUCTURED
     sparse = backends.resolve(FAMILY, "auto", device)
     if sparse == "torch" or layout.density == 1.0 or weight.dtype == torch.float64 and sparse == "triton":

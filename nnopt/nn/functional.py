@@ -9,6 +9,8 @@ too low to pay, the block-sparse kernels where it pays, GPU 2:4 sparse tensor co
 or forced (``backend="cpu" | "triton" | "torch"``; "torch" is the dense reference with the mask applied).
 """
 
+import math
+
 import torch
 
 from nnopt.nn import dispatch
@@ -74,31 +76,45 @@ def masked_linear(x, weight, mask, bias=None, backend="auto", *, block_size=(32,
     ``block_size`` (block_n, block_k) tiles the mask when no ``layout`` (a BlockLayout of ``mask``) is given;
     layouts are cached per mask until it changes. ``weight_is_masked=True`` promises that ``weight`` already
     holds 0 at masked entries (the pruning contract: MaskedLinear does), which lets the dense path skip the
-    masking pass. ``impl`` (from nnopt.nn.dispatch.choose) skips the choice.
+    masking pass. ``impl`` (from nnopt.nn.dispatch.choose) skips the choice. Under ``torch.autocast`` the
+    operands are cast to the autocast dtype, as F.linear's are.
     """
+    x, weight, bias = autocast_operands(x, weight, bias)
     check_args(x, weight, mask, bias)
     if layout is None:
         layout = dispatch.cached_layout(mask, *block_size)
     elif not isinstance(layout, BlockLayout) or layout.shape != tuple(mask.shape):
         raise ValueError("masked_linear: layout must be the BlockLayout of mask")
     if impl is None:
-        impl = dispatch.choose(layout, x.numel() // max(1, x.shape[-1]), weight, backend, weight_is_masked)
+        impl = dispatch.choose(layout, x.numel() // max(1, x.shape[-1]), weight, backend, weight_is_masked,
+                               grad_needed=needs_grad(x, weight, bias))
     return apply(x, weight, mask, bias, layout, impl)
+
+
+def autocast_operands(x, weight, bias):
+    """x, weight and bias in the autocast dtype when autocast is on for their device (as F.linear casts them)."""
+    if isinstance(x, torch.Tensor) and torch.is_autocast_enabled(x.device.type):
+        dtype = torch.get_autocast_dtype(x.device.type)
+        if x.is_floating_point() and isinstance(weight, torch.Tensor) and weight.is_floating_point():
+            x, weight = x.to(dtype), weight.to(dtype)
+            bias = bias.to(dtype) if bias is not None else None
+    return x, weight, bias
+
+
+def needs_grad(x, weight, bias):
+    """Whether this call must build an autograd node."""
+    return torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
+                                        or (bias is not None and bias.requires_grad))
 
 
 def apply(x, weight, mask, bias, layout, impl):
     """The autograd node on x viewed as 2-D [M, K] (inputs already checked, ``impl`` chosen)."""
     if impl is dispatch.DENSE_MASKED and layout.density == 1.0:
         return torch.nn.functional.linear(x, weight, bias)  # nothing masked: torch's own layer, autograd included
-    x2 = x.reshape(-1, x.shape[-1])
-    if not x2.is_contiguous():
-        x2 = x2.contiguous()
-    if not weight.is_contiguous():
-        weight = weight.contiguous()
-    needs_grad = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad
-                                              or (bias is not None and bias.requires_grad))
-    if needs_grad:
-        y = _MaskedLinearFn.apply(x2, weight, bias, mask.contiguous(), layout, impl)
+    x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()  # (-1 is ambiguous when K == 0)
+    weight, mask = weight.contiguous(), mask.contiguous()
+    if needs_grad(x, weight, bias):
+        y = _MaskedLinearFn.apply(x2, weight, bias, mask, layout, impl)
     else:  # inference: no autograd node to build
         y = impl.masked_linear(x2, weight, mask, bias, layout)
     return y.reshape(*x.shape[:-1], weight.shape[0])

@@ -34,9 +34,10 @@ class BlockLayout:
             tiled[:n, :k] = mask
         counts = tiled.view(nb, block_n, kb, block_k).sum(dim=(1, 3), dtype=torch.int32)  # true entries per tile
         tile_rows = torch.full((nb,), block_n, device=mask.device)
-        tile_rows[-1] = n - (nb - 1) * block_n
         tile_cols = torch.full((kb,), block_k, device=mask.device)
-        tile_cols[-1] = k - (kb - 1) * block_k
+        if nb and kb:  # edge tiles are clipped to the matrix (a 0-sized side has no tiles at all)
+            tile_rows[-1] = n - (nb - 1) * block_n
+            tile_cols[-1] = k - (kb - 1) * block_k
         capacity = tile_rows[:, None] * tile_cols[None, :]
         nonempty = counts > 0
         r, c = nonempty.nonzero(as_tuple=True)  # row-major: CSR order

@@ -8,6 +8,7 @@ state_dict re-applies the mask. The layer's backward masks dW itself, so no grad
 
 import torch
 
+from nnopt import sparsity
 from nnopt.nn import dispatch, functional
 from nnopt.prune import _contract
 
@@ -32,11 +33,14 @@ class MaskedLinear(torch.nn.Linear):
     @classmethod
     def from_linear(cls, linear, mask=None, **kwargs):
         """A MaskedLinear sharing ``linear``'s parameters (the same tensors) and masked by ``mask`` (default: the
-        mask ``linear.weight`` already carries under nnopt.prune, else all True)."""
+        mask ``linear.weight`` already carries under nnopt.prune, which the new layer takes over, else all True)."""
         if not isinstance(linear, torch.nn.Linear):
             raise TypeError(f"from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        if mask is None and "weight_mask" in linear._buffers:
-            mask = linear._buffers["weight_mask"]
+        if "weight_mask" in linear._buffers and "weight" in _contract.pruned_names(linear):
+            # The new layer takes over the pruning: its backward masks dW itself, so the Linear's gradient hook
+            # (which would keep masking with the old mask, even after set_mask regrows entries) goes.
+            mask = linear._buffers["weight_mask"] if mask is None else mask
+            _contract.remove_mask(linear, "weight")
         layer = cls.__new__(cls)
         torch.nn.Module.__init__(layer)
         layer.in_features, layer.out_features = linear.in_features, linear.out_features
@@ -73,8 +77,9 @@ class MaskedLinear(torch.nn.Linear):
         if mask.shape != self.weight.shape:
             raise ValueError(f"MaskedLinear: mask has shape {tuple(mask.shape)}, weight has shape "
                              f"{tuple(self.weight.shape)}")
-        _contract.apply_mask(self, "weight", mask)
+        _contract.apply_mask(self, "weight", mask.contiguous())
         self._plan = None
+        self._mask_version = self.weight_mask._version
         return self
 
     @property
@@ -88,11 +93,21 @@ class MaskedLinear(torch.nn.Linear):
             # layout cache are host bookkeeping, not traceable); the products are registered ops with fakes.
             layout, impl = self._plan
             return functional.apply(x, self.weight, self.weight_mask, self.bias, layout, impl)
-        layout = dispatch.cached_layout(self.weight_mask, *self.block_size)
-        impl = dispatch.choose(layout, x.numel() // max(1, x.shape[-1]), self.weight, self.backend, True)
+        mask = self.weight_mask
+        if mask._version != self._mask_version:
+            # The mask was edited in place (weight_mask[i, j] = False): re-zero the weight so the contract holds
+            # (the dense path relies on it); nnopt optimizers and the contract's hooks keep it from then on.
+            with torch.no_grad():
+                sparsity.zero_pruned_(self.weight, mask)
+            self._mask_version = mask._version
+        xc, weight, bias = functional.autocast_operands(x, self.weight, self.bias)
+        layout = dispatch.cached_layout(mask, *self.block_size)
+        m = xc.numel() // max(1, xc.shape[-1]) if xc.dim() else 0
+        impl = dispatch.choose(layout, m, weight, self.backend, True,
+                               grad_needed=functional.needs_grad(xc, weight, bias))
         self._plan = (layout, impl)
-        return functional.masked_linear(x, self.weight, self.weight_mask, self.bias, self.backend, layout=layout,
-                                        weight_is_masked=True, impl=impl)
+        return functional.masked_linear(xc, weight, mask, bias, self.backend, layout=layout, weight_is_masked=True,
+                                        impl=impl)
 
     def __getstate__(self):
         state = super().__getstate__()

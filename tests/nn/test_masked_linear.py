@@ -288,3 +288,64 @@ def test_2_4_inference_on_cuda():
         assert dispatch.choose(dispatch.cached_layout(mask), 128, layer.weight, "auto") is dispatch.SEMI_STRUCTURED
         y = layer(x)
     assert_close(y, reference(x, layer.weight, mask, layer.bias)[0].half(), reduction_length=k)
+
+
+# -- regressions found in review -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("m", [8, 512])  # dense path and sparse path
+def test_autocast_casts_like_linear(m):
+    skip_unless_available("cpu", "cpu", "masked_linear")
+    model = torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
+    nnn.convert(model, include=["2"])
+    model[2].set_mask(block_mask(128, 256, 32, 0.1))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model(torch.randn(m, 256))
+    assert y.dtype == torch.bfloat16
+    y.float().sum().backward()
+    assert (model[2].weight.grad[~model[2].weight_mask] == 0).all()
+
+
+def test_non_contiguous_mask_at_inference():
+    skip_unless_available("cpu", "cpu", "masked_linear")
+    mask_t = block_mask(96, 64, 32, 0.3)  # [K, N]: the layer gets its transpose
+    layer = nnn.MaskedLinear(96, 64, mask=mask_t.t(), backend="cpu")
+    x = torch.randn(10, 96)
+    with torch.no_grad():
+        y = layer(x)
+    assert_close(y, reference(x, layer.weight, mask_t.t(), layer.bias)[0].float(), reduction_length=96)
+    y2 = nnn.functional.masked_linear(x, layer.weight.detach(), mask_t.t(), None, "cpu")
+    assert_close(y2, reference(x, layer.weight, mask_t.t(), None)[0].float(), reduction_length=96)
+
+
+def test_in_place_mask_edit_keeps_dense_and_sparse_paths_equal():
+    skip_unless_available("cpu", "cpu", "masked_linear")
+    layer = nnn.MaskedLinear(64, 64, mask=block_mask(64, 64, 32, 0.5))
+    layer(torch.randn(2, 64))
+    layer.weight_mask[0, :] = False  # in place: the layer must re-zero the weight before its next call
+    x = torch.randn(4, 64)
+    want = reference(x, layer.weight, layer.weight_mask, layer.bias)[0].float()
+    for backend in ("auto", "cpu", "torch"):
+        layer.backend = backend
+        assert_close(layer(x), want, reduction_length=64)
+    assert (layer.weight[~layer.weight_mask] == 0).all()
+
+
+def test_from_linear_takes_over_the_pruning_so_regrown_entries_train():
+    import nnopt.prune as prune
+
+    lin = torch.nn.Linear(64, 32)
+    prune.l1_unstructured(lin, "weight", amount=0.5)
+    old = lin.weight_mask.clone()
+    layer = nnn.convert(torch.nn.Sequential(lin))[0]
+    assert torch.equal(layer.weight_mask, old)
+    layer.set_mask(torch.ones(32, 64, dtype=torch.bool))  # regrow everything
+    layer(torch.randn(8, 64)).sum().backward()
+    assert (layer.weight.grad[~old] != 0).any()
+
+
+@pytest.mark.parametrize("shape", [(0, 4), (4, 0)])
+def test_zero_sized_features(shape):
+    layer = nnn.MaskedLinear(*shape)
+    y = layer(torch.randn(3, shape[0]))
+    assert y.shape == (3, shape[1])
