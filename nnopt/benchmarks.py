@@ -101,6 +101,13 @@ def run(which="all", device=None, quick=False, json_path=None, plot_path=None):
             folder = os.path.dirname(os.path.abspath(path))
             if not os.path.isdir(folder) or not os.access(folder, os.W_OK):
                 raise OSError(f"{path}: its folder {folder} is not a writable directory")
+    if plot_path is not None:
+        if not plot_path.lower().endswith(".png"):
+            raise ValueError(f"--plot {plot_path}: give a .png file name")
+        try:
+            import matplotlib  # noqa: F401 - checked before hours of benchmarks, not after
+        except ImportError:
+            raise ImportError("--plot needs matplotlib: pip install matplotlib") from None
     results = {}
     for name in names:
         filename, call = BENCHES[name]
