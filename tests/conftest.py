@@ -29,6 +29,16 @@ def device(request):
     return request.param
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Runs a module on one intra-op thread: tiny tensors gain nothing from threads, and spinning OpenMP threads on
+    a busy 2-core machine costs up to 100x. Use with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def skip_unless_available(backend, device, family="fused_optim"):
     why = backends.missing(backend, device, family)
     if why is not None:

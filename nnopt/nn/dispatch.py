@@ -17,7 +17,7 @@ import weakref
 
 import torch
 
-from nnopt import backends
+from nnopt import backends, sparsity
 from nnopt.nn.layout import BlockLayout
 
 FAMILY = "masked_linear"
@@ -77,7 +77,7 @@ def _masked_weight_products():
         return dy @ weight
 
     def masked_linear_dw(dy, x, mask, layout):
-        return (dy.t() @ x).masked_fill_(~mask, 0)
+        return sparsity.zero_pruned_(dy.t() @ x, mask)  # in place, no ~mask temporary
 
     return types.SimpleNamespace(masked_linear=masked_linear, masked_linear_dx=masked_linear_dx,
                                  masked_linear_dw=masked_linear_dw)

@@ -82,7 +82,7 @@ def _link_of(module):
 
 def _zero_pruned_grad(grad, module, name):
     mask = module._buffers.get(name + MASK_SUFFIX)
-    return grad if mask is None else grad.masked_fill(~mask, 0)
+    return grad if mask is None else torch.where(mask, grad, grad.new_zeros(()))  # one pass, no ~mask temporary
 
 
 def _is_dtensor(t):

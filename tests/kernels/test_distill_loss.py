@@ -32,13 +32,7 @@ CASES = [(kind, temp, alpha, SHAPES[i % len(SHAPES)], IGNORE[i % len(IGNORE)])
 CASE_IDS = [f"{k}-T{t}-a{a}-{b}x{v}-{ig}" for k, t, a, (b, v), ig in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # small rows gain nothing from intra-op threads, and spinning them on a busy 2-core machine costs more
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 @pytest.fixture(autouse=True)

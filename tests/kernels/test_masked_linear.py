@@ -30,13 +30,7 @@ CASES = [(kind, bn, bk, MS[i % 3], i % 2 == 0)
 CASE_IDS = [f"{kind}-{bn}x{bk}-M{m}-{'bias' if b else 'nobias'}" for kind, bn, bk, m, b in CASES]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    # tiny matrices gain nothing from intra-op threads, and spinning them on a busy 2-core machine costs more
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see tests/conftest.py
 
 
 def impl(backend, device="cpu"):

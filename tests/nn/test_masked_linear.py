@@ -349,3 +349,21 @@ def test_zero_sized_features(shape):
     layer = nnn.MaskedLinear(*shape)
     y = layer(torch.randn(3, shape[0]))
     assert y.shape == (3, shape[1])
+
+
+def test_layer_dense_path_matches_reference():
+    """auto's dense path for a layer (weight holding its zeros: F.linear, dW masked in place) against float64."""
+    layer = nnn.MaskedLinear(45, 70, mask=torch.rand(70, 45) < 0.5)  # unstructured: every tile non-empty
+    x = torch.randn(2, 7, 45, requires_grad=True)
+    assert dispatch.choose(dispatch.cached_layout(layer.weight_mask), 14, layer.weight, "auto",
+                           True) is dispatch.DENSE_MASKED
+    y = layer(x)
+    g = torch.randn_like(y)
+    (y * g).sum().backward()
+    ry, x64, w64, b64 = reference(x, layer.weight, layer.weight_mask, layer.bias)
+    (ry * g.double()).sum().backward()
+    assert_close(y, ry.float(), reduction_length=45)
+    assert_close(x.grad, x64.grad.float(), reduction_length=70)
+    assert_close(layer.weight.grad, w64.grad.float(), reduction_length=14)
+    assert_close(layer.bias.grad, b64.grad.float(), reduction_length=14)
+    assert (layer.weight.grad[~layer.weight_mask] == 0).all()

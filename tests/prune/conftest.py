@@ -1,13 +1,8 @@
-"""Pruning tests run on one thread: their tiny models gain nothing from threads, and spinning OpenMP threads on
-a busy 2-core machine cost up to 100x."""
+"""Pruning tests run on one thread (see tests/conftest.py's one_thread)."""
 
 import pytest
-import torch
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
+def _one_thread(one_thread):
     yield
-    torch.set_num_threads(n)
