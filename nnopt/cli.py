@@ -44,8 +44,8 @@ def _info(args):
 def _demo(args):
     from nnopt.demo import run
 
-    return run(quick=args.quick, device=args.device, data=args.data, out=args.out, backend=args.backend,
-               steps=args.steps, progress=not args.no_progress)
+    return run(args.story, quick=args.quick, device=args.device, data=args.data, text=args.text, out=args.out,
+               backend=args.backend, steps=args.steps, progress=not args.no_progress)
 
 
 def _bench(args):
@@ -64,11 +64,16 @@ def main(argv=None):
     parser = _Parser(prog="nnopt", description="nnopt: fused optimizers and sparsity tools for PyTorch")
     sub = parser.add_subparsers(dest="command", parser_class=_Parser)
     sub.add_parser("info", help="versions, devices and each backend's availability").set_defaults(func=_info)
-    demo = sub.add_parser("demo", help="train, transfer, prune, distil and time an MLP on digits (or --data)")
-    demo.add_argument("--quick", action="store_true", help="a short run (under a minute on 2 CPU cores)")
+    demo = sub.add_parser("demo", help="the whole story on an MLP over digits, then on a byte-level language model")
+    demo.add_argument("story", nargs="?", default="all", choices=["all", "digits", "lm"],
+                      help="digits, lm, or all (default: both, digits first)")
+    demo.add_argument("--quick", action="store_true", help="a short run (about a minute and a half on 2 CPU cores)")
     demo.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    demo.add_argument("--data", default=None, help="a .npz (arrays x, y) or IDX files such as MNIST (default: digits)")
-    demo.add_argument("--out", default="nnopt-report", help="report folder (default: ./nnopt-report)")
+    demo.add_argument("--data", default=None, help="digits: a .npz (arrays x, y) or IDX files such as MNIST (default: "
+                      "scikit-learn's digits); lm: a text file or folder (default: the standard library's sources)")
+    demo.add_argument("--text", default=None, help="the LM story's text file or folder when both stories run")
+    demo.add_argument("--out", default="nnopt-report", help="report folder (default: ./nnopt-report; with both "
+                      "stories the LM's report goes to its lm/ subfolder)")
     demo.add_argument("--backend", default="auto", help="nnopt backend for the optimizers (default: auto)")
     demo.add_argument("--steps", type=int, default=None, help="training steps per run")
     demo.add_argument("--no-progress", action="store_true", help="no progress bars")

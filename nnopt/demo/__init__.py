@@ -1,21 +1,23 @@
-"""``nnopt demo``: the whole story on one dataset — train, transfer, prune, distil, measure inference speed.
+"""``nnopt demo``: the whole story, twice — on an MLP over digits, then on a byte-level language model.
 
-Scikit-learn's bundled digits by default (no download), or ``--data PATH`` (.npz or IDX files such as MNIST).
-Prints progress and a summary table, and writes a report folder (report.md, results.json, PNG plots).
+``run(story="all" | "digits" | "lm", ...)``. The digits story (``digits.py``) trains, transfers, prunes, distils and
+times an MLP on scikit-learn's bundled digits (or ``--data``: .npz or IDX files). The LM story (``lm_story.py``)
+trains a small causal transformer on the standard library's sources (or ``--data``/``--text``: a text file or
+folder), grows, prunes one-shot, recovers and serves it. Each prints progress and a summary, and writes a report
+folder (report.md, results.json, PNG plots): with both stories, the digits report in ``out`` and the LM's in
+``out/lm``; with one, in ``out``.
 """
 
 import os
-import time
 
 import torch
 
 from nnopt import backends
 
+STORIES = ("all", "digits", "lm")
 
-def run(quick=False, device=None, data=None, out="nnopt-report", backend="auto", steps=None, progress=True):
-    from nnopt.demo import data as data_mod
-    from nnopt.demo import report, stages
 
+def _check(device, backend, out, steps):
     if steps is not None and steps < 1:
         raise ValueError(f"--steps must be a positive number of training steps, got {steps}")
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
@@ -35,30 +37,30 @@ def run(quick=False, device=None, data=None, out="nnopt-report", backend="auto",
         os.remove(probe)
     except OSError as e:
         raise OSError(f"--out {out}: not a writable folder ({e.strerror or e})") from None
-    loaded = data_mod.load(data, device)
-    train_data, name = loaded[:4], loaded[4]
-    cfg = dict(device=device, quick=quick, backend=backend, progress=progress,
-               steps=steps or (150 if quick else 600))
-    start = time.perf_counter()
-    print(f"nnopt demo: {name} ({len(train_data[0])} train / {len(train_data[2])} test), device {device}, "
-          f"{cfg['steps']} steps per run{' (quick)' if quick else ''}")
-    results = dict(data=name, device=device, torch=torch.__version__, backend=backend)
-    print("\n[1/5] optimizers")
-    results["optimizers"], teacher = stages.optimizers(train_data, cfg)
-    print("[2/5] transfer")
-    results["transfer"] = stages.transfer(teacher, train_data, cfg)
-    print(results["transfer"]["report"])
-    print("[3/5] pruning")
-    rows, structured, sparse95 = stages.pruning(teacher, train_data, cfg)
-    results["prune"] = dict(rows=rows, structured=structured)
-    print("[4/5] distillation")
-    results["distill"] = stages.distill(teacher, sparse95, train_data, cfg)
-    print("[5/5] inference speed")
-    results["speed"] = stages.speed(cfg)
-    results["seconds"] = time.perf_counter() - start
-    print()
-    for title, table in report.tables(results).items():
-        print(f"{title}\n{table}\n")
-    path = report.write(results, out)
-    print(f"report: {path}")
+    return device, out
+
+
+def run(story="all", quick=False, device=None, data=None, text=None, out="nnopt-report", backend="auto",
+        steps=None, progress=True):
+    """Runs the chosen story (or both, digits first). ``data``: the digits story's data, or the LM story's text
+    when only that story runs; ``text``: the LM story's text. Returns 0."""
+    if story not in STORIES:
+        raise ValueError(f"story must be one of {', '.join(STORIES)}, got {story!r}")
+    device, out = _check(device, backend, out, steps)
+    if story == "lm" and text is None:
+        text, data = data, None
+    corpus = None
+    if story in ("all", "lm"):  # the text is checked before any story runs
+        from nnopt.demo import lm_story
+
+        corpus = lm_story.load_text(text, quick, device)
+    if story in ("all", "digits"):
+        from nnopt.demo import digits
+
+        digits.run(quick, device, data, out, backend, steps, progress)
+    if story in ("all", "lm"):
+        lm_out = os.path.join(out, "lm") if story == "all" else out
+        if story == "all":
+            print()
+        lm_story.run(quick, device, corpus, lm_out, backend, steps, progress)
     return 0
