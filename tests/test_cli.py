@@ -2,6 +2,7 @@
 one line, no traceback)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -41,6 +42,12 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
              ["demo", "--data", str(bad)], ["demo", "--out", str(a_file / "sub")], ["demo", "--backend", "nope"],
              ["demo", "--data", str(truncated)], ["demo", "--steps", "0"], ["bench", "nope"],
              ["bench", "optim", "--json", str(tmp_path / "no" / "dir" / "x.json")]]
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "blob.bin").write_bytes(bytes(range(256)) * 64)
+    (tmp_path / "short.txt").write_text("print('hello')\n" * 3)
+    cases += [["demo", "lm", "--data", str(tmp_path / "empty")], ["demo", "lm", "--data", str(tmp_path / "blob.bin")],
+              ["demo", "lm", "--data", str(tmp_path / "short.txt")], ["demo", "lm", "--out", str(a_file / "sub")],
+              ["demo", "--text", str(tmp_path / "empty")], ["demo", "poem"]]
     for args in cases:
         out = nnopt(*args)
         assert out.returncode == 2, (args, out.returncode, out.stderr)
@@ -49,7 +56,7 @@ def test_bad_input_exits_2_with_one_line(tmp_path):
 
 
 def test_demo_quick_end_to_end(tmp_path):
-    out = nnopt("demo", "--quick", "--no-progress", "--out", str(tmp_path / "report"))
+    out = nnopt("demo", "digits", "--quick", "--no-progress", "--out", str(tmp_path / "report"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"report: {tmp_path / 'report' / 'report.md'}" in out.stdout
     res = json.loads((tmp_path / "report" / "results.json").read_text())
@@ -68,12 +75,37 @@ def test_demo_quick_end_to_end(tmp_path):
         assert section in md
 
 
+def test_demo_lm_quick_end_to_end(tmp_path):
+    """The LM story on the stdlib's sources: every stage reports, perplexities are finite and ordered, the
+    sparsities are the ones asked for, tokens/s are there, every plot is a PNG."""
+    out = nnopt("demo", "lm", "--quick", "--no-progress", "--out", str(tmp_path / "lm"))
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert f"report: {tmp_path / 'lm' / 'report.md'}" in out.stdout
+    res = json.loads((tmp_path / "lm" / "results.json").read_text())
+    assert {r["optimizer"] for r in res["train"]} >= {"torch.optim.AdamW", "nnopt AdamW"}
+    assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in res["train"] + res["prune"])
+    dense = next(r["perplexity"] for r in res["prune"] if r["method"] == "dense")
+    for r in res["prune"]:
+        want = {"50%": 0.5, "2:4": 0.5, "90% 32×32 blocks": 0.9, "-": 0.0}[r["pattern"]]
+        assert abs(r["sparsity"] - want) < 0.01, r
+        assert r["perplexity"] >= dense * (0.98 if want < 0.9 else 1.0), r  # pruning never helps much
+    rec = res["recover"]
+    assert rec["sparsity_after"] >= 0.89 and max(rec["fine_tuned"], rec["distilled"]) < rec["before"]
+    speeds = [r for r in res["serve"]["rows"] if r["model"] == "sparse"]
+    assert len(speeds) == 6 and all(r.get("decode_speedup", r.get("prefill_speedup", 0)) > 0 for r in speeds)
+    assert set(res["serve"]["samples"]) == {"dense", "sparse"}
+    assert len(res["plots"]) == 3 and all(is_png(tmp_path / "lm" / p) for p in res["plots"])
+    md = (tmp_path / "lm" / "report.md").read_text()
+    for section in ("Training", "pruning", "Recovering", "Serving", "Samples"):
+        assert section in md
+
+
 def test_demo_reads_a_users_npz(tmp_path):
     from sklearn.datasets import load_digits
 
     d = load_digits()
     np.savez(tmp_path / "mine.npz", x=d.images, y=d.target)  # N × 8 × 8 images, flattened by the demo
-    out = nnopt("demo", "--quick", "--steps", "20", "--no-progress", "--data", str(tmp_path / "mine.npz"),
+    out = nnopt("demo", "digits", "--quick", "--steps", "20", "--no-progress", "--data", str(tmp_path / "mine.npz"),
                 "--out", str(tmp_path / "r"))
     assert out.returncode == 0, out.stderr[-3000:]
     assert json.loads((tmp_path / "r" / "results.json").read_text())["data"] == "mine.npz"
