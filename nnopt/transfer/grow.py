@@ -17,8 +17,11 @@ run where the MLP spans two modules, as BERT's), each block's attention projecti
   deviation.
 - ``narrow_mlp(model, new_size, layers=None, importance="magnitude")``: keeps the ``new_size`` most important
   intermediate units; ``"magnitude"`` scores unit ``j`` by the product of the L2 norms of its expander rows and
-  its contractor column (a bound on how much it can move the output per unit input), ``"random"``, or a callable
-  ``importance(model, mlp) -> [width]`` tensor (higher = kept).
+  its contractor column (a bound on how much it can move the output per unit input); ``"taylor"`` (needs
+  ``data=``: model inputs with labels) the first-order estimate of the loss change when the unit is removed,
+  |sum over a sequence's tokens of a_j dL/da_j| summed over sequences (Molchanov et al., 2019; a_j: the unit's
+  input to the contractor); ``"random"``; or a callable ``importance(model, mlp) -> [width]`` tensor (higher =
+  kept).
 - ``add_heads(model, n, layers=None)``: ``n`` new query heads per block. With one key-value head per query head
   (GPT-2, BERT, MHA Llama) each new head gets new q/k/v rows; with grouped-query attention the new query heads are
   spread evenly over the existing key-value groups (``n`` a multiple of the number of groups; the kv projections
@@ -27,7 +30,9 @@ run where the MLP spans two modules, as BERT's), each block's attention projecti
 - ``remove_heads(model, n, layers=None, importance="magnitude")``: removes the ``n`` least important query heads
   per block (with GQA: ``n / groups`` from each group, keeping groups equal). ``"magnitude"``: the Frobenius norm
   of the head's value-output map ``W_o[:, head] @ W_v[head]`` (attention weights sum to one, so this bounds the
-  head's output per unit input); ``"random"``; or a callable ``importance(model, attention) -> [heads]``.
+  head's output per unit input); ``"taylor"`` (needs ``data=``) the head-gate gradient importance of Michel et
+  al. (2019), |dL/d gate_h| per sequence summed; ``"random"``; or a callable ``importance(model, attention) ->
+  [heads]``.
 - ``insert_block(model, index)``: a new block at position ``index`` (0 to the number of blocks) that is a copy of
   its predecessor (of block 0 at index 0) with zeroed output projections (attention output and MLP contractor,
   weights and biases): in a pre-norm block (GPT-2, Llama: ``x + f(norm(x))``) it is the identity. In a post-norm
@@ -65,7 +70,49 @@ from nnopt.transfer._graph import GraphError, block_names, find_attention, find_
 
 __all__ = ["GraphError", "GrowthReport", "add_heads", "insert_block", "narrow_mlp", "remove_heads", "widen_mlp"]
 
-IMPORTANCES = ("magnitude", "random")
+IMPORTANCES = ("magnitude", "taylor", "random")
+
+
+def _taylor(model, layers, data):
+    """{layer name: [sequences, in_features] sums over tokens of x * dL/dx}, x the input of each linear layer in
+    ``layers``, over the batches ``data`` (dicts of model inputs whose forward returns ``.loss``). Gradients go to
+    the captured inputs only (torch.autograd.grad): the model's parameters get no ``.grad``."""
+    if data is None:
+        raise ValueError("importance='taylor' needs data=: a dict of model inputs (labels included, so the forward "
+                         "returns a loss) or a list of them")
+    batches = [data] if isinstance(data, dict) else list(data)
+    out = {name: [] for name in layers}
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            seen, handles = {}, []
+            for name in layers:
+                def grab(m, args, name=name):
+                    seen[name] = args[0]
+                handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
+            try:
+                with torch.enable_grad():
+                    res = run_model(model, batch)
+                    loss = getattr(res, "loss", None)
+                    if not isinstance(loss, torch.Tensor):
+                        raise TypeError(f"importance='taylor': the model's output ({type(res).__name__}) has no loss; "
+                                        "pass labels in data")
+                    names = [n for n in layers if n in seen and seen[n].requires_grad]
+                    if len(names) != len(layers):
+                        missing = sorted(set(layers) - set(names))
+                        raise GraphError(f"importance='taylor': {missing} did not run on a tensor that requires grad")
+                    grads = torch.autograd.grad(loss, [seen[n] for n in names])
+            finally:
+                for h in handles:
+                    h.remove()
+            for n, g in zip(names, grads):
+                x = seen[n].detach()
+                prod = (x * g).double()
+                out[n].append(prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).cpu())
+    finally:
+        model.train(was)
+    return {n: torch.cat(v) for n, v in out.items()}
 
 
 @dataclasses.dataclass
@@ -297,7 +344,9 @@ def _perturb_rows(lin, n, noise, generator):
         sparsity.zero_pruned_(lin.weight, lin._buffers["weight_mask"])
 
 
-def _mlp_scores(model, mlp, importance, generator):
+def _mlp_scores(model, mlp, importance, generator, taylor):
+    if importance == "taylor":  # Molchanov et al. 2019: |sum over tokens of a_j dL/da_j| per sequence, summed
+        return taylor[mlp.contractor].abs().sum(0)
     if importance == "random":
         return torch.rand(mlp.width, generator=generator, dtype=torch.float64)
     if importance == "magnitude":
@@ -315,7 +364,7 @@ def _mlp_scores(model, mlp, importance, generator):
     raise ValueError(f"importance must be one of {IMPORTANCES} or a callable, got {importance!r}")
 
 
-def narrow_mlp(model, new_size, layers=None, *, importance="magnitude", generator=None, probe=None,
+def narrow_mlp(model, new_size, layers=None, *, importance="magnitude", data=None, generator=None, probe=None,
                example_inputs=None):
     """Keeps the ``new_size`` most important intermediate units of each MLP: ``(new_model, GrowthReport)``."""
     what = "narrow_mlp"
@@ -326,8 +375,9 @@ def narrow_mlp(model, new_size, layers=None, *, importance="magnitude", generato
             raise ValueError(f"{what}: new_size={new_size} must be smaller than the intermediate size {mlp.width} of "
                              f"{mlp.traced!r} (use widen_mlp to grow)")
     keeps = []
+    taylor = _taylor(model, [m.contractor for m in mlps], data) if importance == "taylor" else None
     for mlp in mlps:
-        scores = _mlp_scores(model, mlp, importance, generator)
+        scores = _mlp_scores(model, mlp, importance, generator, taylor)
         order = torch.sort(scores, descending=True, stable=True).indices
         keeps.append(torch.sort(order[:new_size]).values)
     new = _copy(model)
@@ -444,7 +494,10 @@ def add_heads(model, n, layers=None, *, generator=None, probe=None):
     return _finish(what, model, new, probe, changes, config, notes)
 
 
-def _head_scores(model, att, importance, generator):
+def _head_scores(model, att, importance, generator, taylor):
+    if importance == "taylor":  # Michel et al. 2019: |dL/d(head gate)| per sequence, summed
+        per = taylor[att.o]
+        return per.reshape(per.shape[0], att.heads, att.head_dim).sum(-1).abs().sum(0)
     if importance == "random":
         return torch.rand(att.heads, generator=generator, dtype=torch.float64)
     if importance == "magnitude":
@@ -468,7 +521,7 @@ def _head_scores(model, att, importance, generator):
     raise ValueError(f"importance must be one of {IMPORTANCES} or a callable, got {importance!r}")
 
 
-def remove_heads(model, n, layers=None, *, importance="magnitude", generator=None, probe=None):
+def remove_heads(model, n, layers=None, *, importance="magnitude", data=None, generator=None, probe=None):
     """Removes the ``n`` least important query heads per block: ``(new_model, GrowthReport)``."""
     what = "remove_heads"
     _check_int(what, "n", n, 1)
@@ -482,8 +535,9 @@ def remove_heads(model, n, layers=None, *, importance="magnitude", generator=Non
                              f"{att.module!r} (grouped-query attention, {att.groups} query heads each), below "
                              f"{att.heads}")
     plans = []
+    taylor = _taylor(model, [a.o for a in atts], data) if importance == "taylor" else None
     for att in atts:
-        scores = _head_scores(model, att, importance, generator)
+        scores = _head_scores(model, att, importance, generator, taylor)
         if att.kv_heads == att.heads:
             order = torch.sort(scores, descending=True, stable=True).indices
             keep = torch.sort(order[:att.heads - n]).values.tolist()

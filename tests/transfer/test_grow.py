@@ -305,3 +305,66 @@ def test_plain_pytorch_block_is_grown():
     new, report = widen_mlp(model, 24, probe=x)
     assert new.blocks[1].mlp.fc.out_features == 24 and model.blocks[1].mlp.fc.out_features == 16
     assert torch.allclose(new(x), model(x), atol=1e-6) and report.max_abs_deviation < 1e-6
+
+
+# --------------------------------------------------------------------------------------- taylor importance
+def _gated_head_importance(model, o_name, heads, d, data):
+    """Michel et al.'s head importance computed independently: a gate per (sequence, head) multiplies the heads'
+    outputs before the output projection; |dL/dgate| summed over sequences."""
+    gates = []
+
+    def pre(m, args):
+        x = args[0]
+        g = torch.ones(x.shape[0], 1, heads, requires_grad=True)
+        gates.append(g)
+        return (x * g.repeat_interleave(d, dim=-1),)
+
+    h = model.get_submodule(o_name).register_forward_pre_hook(pre)
+    try:
+        out = model(**data)
+        (grad,) = torch.autograd.grad(out.loss, gates)
+    finally:
+        h.remove()
+    return grad.abs().sum((0, 1))
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_taylor_head_importance_matches_gated_gradient(arch):
+    from nnopt.transfer._graph import find_attention
+    from nnopt.transfer.grow import _head_scores, _taylor
+
+    model = build(arch)
+    x = ids(batch=3, seq=7)
+    data = {"input_ids": x["input_ids"], "labels": x["input_ids"]}
+    block = STACK[arch] + ".1"
+    att = find_attention(model, block)
+    got = _head_scores(model, att, "taylor", None, _taylor(model, [att.o], data))
+    want = _gated_head_importance(model, att.o, att.heads, att.head_dim, data)
+    assert torch.allclose(got.float(), want, rtol=1e-4, atol=1e-9)
+    assert all(p.grad is None for p in model.parameters())  # the parameters get no gradient
+    if arch == "gpt2":  # MHA: the two heads with the smallest gate gradients go
+        new, report = remove_heads(model, 2, layers=[1], importance="taylor", data=[data, data])
+        assert str(sorted(torch.sort(want).indices[:2].tolist())) in report.changes[0]
+
+
+def test_taylor_mlp_importance_keeps_the_units_whose_removal_costs_least():
+    model = build("gpt2", ff=12)
+    x = ids(batch=4, seq=9)
+    data = {"input_ids": x["input_ids"], "labels": x["input_ids"]}
+    with torch.no_grad():
+        base = model(**data).loss
+    cost = []
+    for j in range(12):  # the actual loss change of removing each unit alone, against the first-order estimate
+        keep = torch.ones(12)
+        keep[j] = 0
+        new, _ = narrow_mlp(model, 11, layers=[0], importance=lambda m, mlp, k=keep: k)
+        with torch.no_grad():
+            cost.append(float((new(**data).loss - base).abs()))
+    new, report = narrow_mlp(model, 11, layers=[0], importance="taylor", data=data)
+    with torch.no_grad():
+        taylor_cost = float((new(**data).loss - base).abs())
+    assert taylor_cost <= sorted(cost)[len(cost) // 2]  # better than the median single-unit removal
+    with pytest.raises(ValueError, match="needs data="):
+        narrow_mlp(model, 11, importance="taylor")
+    with pytest.raises(TypeError, match="has no loss"):
+        narrow_mlp(model, 11, importance="taylor", data={"input_ids": x["input_ids"]})
