@@ -2,7 +2,8 @@
 ``distill``, a small training loop around it.
 
 ``DistillationLoss(temperature=1.0, alpha=0.5, kind="kl", beta=0.5, scale_by_t2=True, ignore_index=-100,
-reduction="batchmean", backend=None)(student_logits [..., V], teacher_logits [..., V], target [...] or None)``:
+reduction="batchmean", backend=None, vocab="error")(student_logits [..., V], teacher_logits [..., V], target [...]
+or None)``:
 with T = temperature, p_s = softmax(student / T), p_t = softmax(teacher / T) over the last dimension,
 
     loss_row = alpha * (T² if scale_by_t2 else 1) * soft + (1 - alpha) * cross_entropy(student, target)
@@ -13,6 +14,12 @@ with T = temperature, p_s = softmax(student / T), p_t = softmax(teacher / T) ove
                        generalised Jensen-Shannon divergence of TRL's GKD trainer and Liger-Kernel (beta = 0.5 is
                        the symmetric JSD). As in both, beta = 0 means KL(p_t || p_s) and beta = 1 means
                        KL(p_s || p_t), where the mixture form would vanish.
+
+Logits may come as tensors or as any model output with a tensor ``.logits`` (``transformers``' ModelOutput:
+``CausalLMOutput``, ``MaskedLMOutput``, ...). Teacher and student must share the class dimension: a vocabulary
+mismatch is a ValueError naming both sizes, unless ``vocab="shared"``, which compares the first
+min(V_student, V_teacher) classes of both (tokenizers that extend a common vocabulary at its end); targets must
+then lie in the shared part.
 
 The cross entropy is taken at temperature 1 against the hard labels. Rows whose target is ``ignore_index`` leave
 both terms and the denominator. Reductions: "batchmean" (default) and "mean" both divide the sum over rows by the
@@ -39,6 +46,16 @@ from nnopt import backends
 from nnopt.reference import distill_loss as ref
 
 FAMILY = "distill_loss"
+VOCAB_MODES = ("error", "shared")
+
+
+def logits_of(x):
+    """``x`` itself when it is a tensor, else its tensor ``.logits`` (a transformers ModelOutput); other values are
+    returned as they are (the checks name their type)."""
+    if isinstance(x, torch.Tensor):
+        return x
+    logits = getattr(x, "logits", None)
+    return logits if isinstance(logits, torch.Tensor) else x
 
 
 class _DistillLossFn(torch.autograd.Function):
@@ -66,8 +83,10 @@ class _DistillLossFn(torch.autograd.Function):
         return grad, None, None, None, None
 
 
-def _check(student, teacher, target, temperature, alpha, kind, beta, ignore_index, reduction):
+def _check(student, teacher, target, temperature, alpha, kind, beta, ignore_index, reduction, vocab="error"):
     where = "DistillationLoss"
+    if vocab not in VOCAB_MODES:
+        raise ValueError(f"{where}: vocab must be one of {VOCAB_MODES}, got {vocab!r}")
     for name, value in (("temperature", temperature), ("alpha", alpha), ("beta", beta)):
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise TypeError(f"{where}: {name} must be a number, got {type(value).__name__}")
@@ -87,12 +106,18 @@ def _check(student, teacher, target, temperature, alpha, kind, beta, ignore_inde
         return
     for name, x in (("student_logits", student), ("teacher_logits", teacher)):
         if not isinstance(x, torch.Tensor):
-            raise TypeError(f"{where}: {name} must be a tensor, got {type(x).__name__}")
+            raise TypeError(f"{where}: {name} must be a tensor or a model output with a tensor .logits, got "
+                            f"{type(x).__name__}")
         if not x.is_floating_point():
             raise TypeError(f"{where}: {name} must be floating point, got {x.dtype}")
     if student.dim() == 0:
         raise ValueError(f"{where}: student_logits must be [..., V] (classes last), got a 0-dim tensor")
-    if teacher.shape != student.shape:
+    if teacher.dim() == student.dim() and teacher.shape[:-1] == student.shape[:-1] and teacher.shape[-1] != \
+            student.shape[-1] and vocab == "error":
+        raise ValueError(f"{where}: vocabulary mismatch: student_logits has {student.shape[-1]} classes, "
+                         f"teacher_logits {teacher.shape[-1]}; they must match, or pass vocab='shared' to compare the "
+                         f"first {min(student.shape[-1], teacher.shape[-1])}")
+    if teacher.shape[:-1] != student.shape[:-1] or (teacher.shape != student.shape and vocab == "error"):
         raise ValueError(f"{where}: teacher_logits has shape {tuple(teacher.shape)}, student_logits has shape "
                          f"{tuple(student.shape)}")
     if teacher.device != student.device:
@@ -120,10 +145,25 @@ def _backend(backend, logits):
     return backends.resolve(FAMILY, name, logits.device)
 
 
+def _shared(student, teacher, target, ignore_index):
+    """Both logits cut to their first min(V_s, V_t) classes; ValueError for a target outside them."""
+    v = min(student.shape[-1], teacher.shape[-1])
+    if target is not None and v < student.shape[-1]:
+        outside = (target >= v) & (target != ignore_index)
+        if bool(outside.any()):
+            raise ValueError(f"DistillationLoss: vocab='shared' keeps classes 0..{v - 1}, but target holds class "
+                             f"{int(target[outside].max())}")
+    return student[..., :v], teacher[..., :v]
+
+
 def distillation_loss(student_logits, teacher_logits, target=None, *, temperature=1.0, alpha=0.5, kind="kl",
-                      beta=0.5, scale_by_t2=True, ignore_index=-100, reduction="batchmean", backend=None):
+                      beta=0.5, scale_by_t2=True, ignore_index=-100, reduction="batchmean", backend=None,
+                      vocab="error"):
     """The distillation loss of the module docstring, as a function (``DistillationLoss`` calls it)."""
-    _check(student_logits, teacher_logits, target, temperature, alpha, kind, beta, ignore_index, reduction)
+    student_logits, teacher_logits = logits_of(student_logits), logits_of(teacher_logits)
+    _check(student_logits, teacher_logits, target, temperature, alpha, kind, beta, ignore_index, reduction, vocab)
+    if student_logits.shape[-1] != teacher_logits.shape[-1]:
+        student_logits, teacher_logits = _shared(student_logits, teacher_logits, target, ignore_index)
     lead, n_classes = student_logits.shape[:-1], student_logits.shape[-1]
     s = student_logits.reshape(-1, n_classes).contiguous()
     t = teacher_logits.detach().reshape(-1, n_classes).to(s.dtype).contiguous()
@@ -147,9 +187,9 @@ class DistillationLoss(torch.nn.Module):
     """
 
     def __init__(self, temperature=1.0, alpha=0.5, kind="kl", beta=0.5, scale_by_t2=True, ignore_index=-100,
-                 reduction="batchmean", backend=None):
+                 reduction="batchmean", backend=None, vocab="error"):
         super().__init__()
-        _check(None, None, None, temperature, alpha, kind, beta, ignore_index, reduction)
+        _check(None, None, None, temperature, alpha, kind, beta, ignore_index, reduction, vocab)
         if backend is not None:
             backends.requested(backend)  # an unknown name fails here, not at the first call
         self.temperature = float(temperature)
@@ -160,15 +200,18 @@ class DistillationLoss(torch.nn.Module):
         self.ignore_index = int(ignore_index)
         self.reduction = reduction
         self.backend = backend
+        self.vocab = vocab
 
     def forward(self, student_logits, teacher_logits, target=None):
         return distillation_loss(student_logits, teacher_logits, target, temperature=self.temperature,
                                  alpha=self.alpha, kind=self.kind, beta=self.beta, scale_by_t2=self.scale_by_t2,
-                                 ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend)
+                                 ignore_index=self.ignore_index, reduction=self.reduction, backend=self.backend,
+                                 vocab=self.vocab)
 
     def extra_repr(self):
         return (f"temperature={self.temperature}, alpha={self.alpha}, kind={self.kind!r}, beta={self.beta}, "
-                f"scale_by_t2={self.scale_by_t2}, ignore_index={self.ignore_index}, reduction={self.reduction!r}")
+                f"scale_by_t2={self.scale_by_t2}, ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"vocab={self.vocab!r}")
 
 
 def _split(batch):
@@ -179,7 +222,22 @@ def _split(batch):
 
 
 def _to(x, device):
+    if device is not None and isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
     return x.to(device) if device is not None and isinstance(x, torch.Tensor) else x
+
+
+def _call(model, x):
+    """``model(**x)`` for a dict of inputs (transformers style), else ``model(x)``."""
+    return model(**x) if isinstance(x, dict) else model(x)
+
+
+def _rows(x):
+    if isinstance(x, dict):
+        x = next((v for v in x.values() if isinstance(v, torch.Tensor)), None)
+        if x is None:
+            raise ValueError("distill: a dict batch must hold at least one tensor")
+    return len(x)
 
 
 @torch.no_grad()
@@ -193,7 +251,7 @@ def _accuracy(model, data, device):
         if y is None:
             raise ValueError("distill: eval_data batches must be (inputs, targets) pairs")
         x, y = _to(x, device), _to(y, device)
-        hits = (model(x).argmax(-1) == y).sum()
+        hits = (logits_of(_call(model, x)).argmax(-1) == y).sum()
         correct = hits if correct is None else correct + hits
         total += y.numel()
     model.train(was_training)
@@ -216,7 +274,10 @@ def distill(student, teacher, data, optimizer, epochs, *, loss=None, device=None
     """Trains ``student`` to match ``teacher`` for ``epochs`` passes over ``data``; returns per-epoch metrics.
 
     ``data`` and ``eval_data``: re-iterable batches (a DataLoader, a list), each ``(inputs, targets)`` or just
-    ``inputs`` (then ``loss`` must not need targets, e.g. ``DistillationLoss(alpha=1.0)``). ``loss``: a callable
+    ``inputs`` (then ``loss`` must not need targets, e.g. ``DistillationLoss(alpha=1.0)``). ``inputs``: a tensor
+    (``model(inputs)``) or a dict of keyword arguments (``model(**inputs)``, transformers style). Models may return
+    tensors or outputs with ``.logits`` (transformers); for a causal LM pass targets already shifted (the token
+    after each position), since the loss compares position by position. ``loss``: a callable
     ``(student_logits, teacher_logits, targets) -> scalar``, default ``DistillationLoss()`` (T = 1, alpha = 0.5,
     KL). ``device``: where the models and batches go (default: left where they are). The teacher runs in eval mode
     under no_grad; the student trains (its mode is restored at the end). ``progress``: a tqdm bar when tqdm is
@@ -246,12 +307,12 @@ def distill(student, teacher, data, optimizer, epochs, *, loss=None, device=None
                 x, y = _split(batch)
                 x, y = _to(x, device), _to(y, device)
                 with torch.no_grad():
-                    t_logits = teacher(x)
-                value = loss_fn(student(x), t_logits, y)
+                    t_logits = logits_of(_call(teacher, x))
+                value = loss_fn(logits_of(_call(student, x)), t_logits, y)
                 optimizer.zero_grad(set_to_none=True)
                 value.backward()
                 optimizer.step()
-                n = len(x)
+                n = _rows(x)
                 step = value.detach() * n  # summed on the device: no synchronisation per step
                 total = step if total is None else total + step
                 count += n

@@ -1,8 +1,9 @@
 """``transfer_parameters``: copies the weights of one model (or a ``state_dict``) into another, and says what it did.
 
 ``transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="skip", strict=False,
-reinit_missing=False)`` returns a ``TransferReport`` (``nnopt/transfer/report.py``) with one entry per tensor of
-``dst.state_dict()`` and the list of source tensors nothing took.
+reinit_missing=False, on_role_mismatch="error", dry_run=False)`` returns a ``TransferReport``
+(``nnopt/transfer/report.py``) with one entry per tensor of ``dst.state_dict()`` and the list of source tensors
+nothing took.
 
 Tensors. The targets are the tensors of ``dst.state_dict()`` (parameters and persistent buffers), in its order;
 the sources are the tensors of ``src.state_dict()`` (or of the mapping ``src``), in its order. Non-tensor entries
@@ -26,7 +27,13 @@ Matching (``match``):
   left unaligned on both sides (opcode ``replace``), layers are aligned once more, on coarse signatures (rank,
   kind) per tensor: those pairs differ in shape only (a classifier with more classes), and ``on_mismatch``
   decides. Every other target is missing and every other source unused. ``mapping`` cannot be combined with
-  ``"order"``.
+  ``"order"``. Equal shapes do not make equal roles (a position table and a key projection can both be
+  ``[128, 32]``), so each pair is checked by name: a tensor's role is read from the name of its module
+  (``embedding``: ``wte``, ``wpe``, ``embed_tokens``, ``*embeddings``, ``lm_head``...; ``norm``: ``ln_*``,
+  ``*norm*``, ``bn*``; ``projection``: ``*_proj``, ``c_attn``, ``c_fc``, ``query``/``key``/``value``, ``dense``,
+  ``fc*``...; anything else ``other``, which pairs with every role). A pair of two known, different roles is
+  refused: ``on_role_mismatch="error"`` (default) raises ValueError naming every such pair, ``"warn"`` warns
+  naming them and copies, ``"ignore"`` copies.
 
 Shape mismatches (``on_mismatch``), for a paired target whose shape differs from its source's:
 
@@ -54,6 +61,9 @@ with it; entries outside the copied block keep ``dst``'s mask, or stay unpruned)
 ``nnopt.prune``'s ``apply_mask``; a ``dst`` tensor that is pruned already and receives no mask keeps its mask and
 its pruned entries are zeroed again.
 
+``dry_run=True`` plans everything (pairs, statuses, details, the checks above) and returns the report without
+writing into ``dst``; its ``dry_run`` attribute is True and ``str()`` says so.
+
 ``strict=True`` raises RuntimeError, listing every target not copied whole and every unused source, when anything
 was not copied. Atomicity: every check (bad arguments, mapping errors, mismatches under ``"error"``, ``strict``,
 meta tensors) and every re-initialisation happens before the first write, so a call that raises leaves ``dst``
@@ -65,6 +75,7 @@ import dataclasses
 import difflib
 import math
 import re
+import warnings
 from collections.abc import Mapping
 
 import torch
@@ -78,6 +89,36 @@ __all__ = ["FALLBACK_STD", "transfer_parameters"]
 
 MATCHES = ("name", "order")
 ON_MISMATCH = ("skip", "slice", "error")
+ON_ROLE_MISMATCH = ("error", "warn", "ignore")
+_EMBEDDING_NAMES = {"wte", "wpe", "lm_head", "shared", "decoder", "embed", "embeddings", "tok_embeddings"}
+_PROJECTION_NAMES = {"query", "key", "value", "dense", "fc", "c_fc", "c_attn", "c_proj", "q_attn", "linear", "wq",
+                     "wk", "wv", "wo", "w", "qkv", "attn", "mlp"}
+
+
+def role_of(name):
+    """The role class of tensor ``name`` read from its module's name: "embedding", "norm", "projection" or
+    "other" (see the module docstring)."""
+    module = name.rpartition(".")[0].rpartition(".")[2].lower()
+    base = re.sub(r"\d+", "", module).rstrip("_")
+    if not base:
+        return "other"
+    if "embed" in base or base in _EMBEDDING_NAMES:
+        return "embedding"
+    if "norm" in base or base.startswith("ln") or base == "bn":
+        return "norm"
+    if base.endswith("proj") or base in _PROJECTION_NAMES or "dense" in base:
+        return "projection"
+    return "other"
+
+
+def _role_crossings(pairs):
+    """["target (role) <- source (role)"] for every pair of two known, different roles."""
+    out = []
+    for tgt, src in pairs.items():
+        a, b = role_of(tgt), role_of(src)
+        if a != b and "other" not in (a, b):
+            out.append(f"{tgt} ({a}) <- {src} ({b})")
+    return out
 FALLBACK_STD = 0.02
 
 
@@ -344,8 +385,19 @@ class _Plan:
     mask: torch.Tensor | None = None  # the source's mask, to apply with the data
 
 
+def _write(plan, value):
+    """Copies ``value`` (or None) into the plan's target and applies or re-applies its mask."""
+    tgt = plan.target
+    if value is not None:
+        tgt.tensor.copy_(value)
+    if plan.mask is not None:
+        apply_mask(tgt.module, tgt.local, plan.mask)
+    elif value is not None and tgt.local in pruned_names(tgt.module):
+        sparsity.zero_pruned_(tgt.tensor, tgt.module._buffers[tgt.local + MASK_SUFFIX])
+
+
 def transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="skip", strict=False,
-                        reinit_missing=False):
+                        reinit_missing=False, on_role_mismatch="error", dry_run=False):
     """Copies ``src``'s tensors (an nn.Module or a state_dict) into ``dst`` (an nn.Module); returns a TransferReport.
 
     See the module docstring for matching, shape mismatches, re-initialisation, masks and atomicity.
@@ -354,6 +406,9 @@ def transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="sk
         raise ValueError(f"transfer_parameters: match must be one of {MATCHES}, got {match!r}")
     if on_mismatch not in ON_MISMATCH:
         raise ValueError(f"transfer_parameters: on_mismatch must be one of {ON_MISMATCH}, got {on_mismatch!r}")
+    if on_role_mismatch not in ON_ROLE_MISMATCH:
+        raise ValueError(f"transfer_parameters: on_role_mismatch must be one of {ON_ROLE_MISMATCH}, got "
+                         f"{on_role_mismatch!r}")
     if not isinstance(dst, nn.Module):
         raise TypeError(f"transfer_parameters: dst must be an nn.Module, got {type(dst).__name__}")
     if mapping is not None and match != "name":
@@ -370,6 +425,14 @@ def transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="sk
         pairs = _pairs_by_name(names, targets, mapping)
     else:
         pairs = _pairs_by_order(names, tensors, targets)
+        crossings = _role_crossings(pairs) if on_role_mismatch != "ignore" else []
+        if crossings:
+            what = (f"{len(crossings)} pair(s) of match='order' cross tensor roles (read from names: embedding / "
+                    "projection / norm):\n  " + "\n  ".join(crossings))
+            if on_role_mismatch == "error":
+                raise ValueError(f"transfer_parameters: {what}\nnothing was copied; pair by name with a mapping, or "
+                                 "pass on_role_mismatch='warn' or 'ignore' to copy anyway")
+            warnings.warn(f"transfer_parameters: {what}", stacklevel=2)
 
     plans, mismatches = [], []
     for tgt in targets:
@@ -426,7 +489,7 @@ def transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="sk
         raise ValueError(f"transfer_parameters: source tensors {', '.join(meta_src)} are on the meta device and "
                          "hold no values to copy")
 
-    report = TransferReport([], unused, match=match, on_mismatch=on_mismatch)
+    report = TransferReport([], unused, match=match, on_mismatch=on_mismatch, dry_run=dry_run)
     if strict:
         problems = []
         for p in plans:
@@ -476,12 +539,8 @@ def transfer_parameters(src, dst, mapping=None, *, match="name", on_mismatch="sk
 
         for p in plans:
             tgt = p.target
-            if id(p) in values:
-                tgt.tensor.copy_(values[id(p)])
-            if p.mask is not None:
-                apply_mask(tgt.module, tgt.local, p.mask)
-            elif id(p) in values and tgt.local in pruned_names(tgt.module):
-                sparsity.zero_pruned_(tgt.tensor, tgt.module._buffers[tgt.local + MASK_SUFFIX])
+            if not dry_run:
+                _write(p, values.get(id(p)))
             report.entries.append(TransferEntry(
                 target=tgt.key, source=p.source, status=p.status, detail=p.detail,
                 target_shape=_fmt_shape(tgt.tensor),

@@ -9,7 +9,8 @@ tensor and have no entry of their own), in the target's order:
 - ``missing``: no source tensor; the target keeps its values (or is re-initialised with ``reinit_missing=True``);
 - ``tied``: no source tensor of its own, but it is the same tensor as another target that received data.
 
-``unused`` lists the source tensors no target took, in the source's order.
+``unused`` lists the source tensors no target took, in the source's order; ``dry_run`` is True for a report of
+what would happen (nothing written).
 """
 
 import dataclasses
@@ -42,8 +43,9 @@ class TransferReport:
     """The outcome of ``transfer_parameters``: ``entries`` (list of ``TransferEntry``), ``unused`` (source names),
     ``counts`` (status -> number of entries); ``str()`` formats it as a table."""
 
-    def __init__(self, entries, unused, match="name", on_mismatch="skip"):
+    def __init__(self, entries, unused, match="name", on_mismatch="skip", dry_run=False):
         self.entries = list(entries)
+        self.dry_run = dry_run
         self.unused = list(unused)
         self.match = match
         self.on_mismatch = on_mismatch
@@ -82,7 +84,8 @@ class TransferReport:
 
     def __repr__(self):
         counts = ", ".join(f"{k}={v}" for k, v in self.counts.items() if v)
-        return f"TransferReport({counts}, unused={len(self.unused)})"
+        dry = ", dry_run=True" if self.dry_run else ""
+        return f"TransferReport({counts}, unused={len(self.unused)}{dry})"
 
     def __str__(self):
         head = ["target", "shape", "status", "source", "source shape", "detail"]
@@ -95,7 +98,8 @@ class TransferReport:
             return "  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
 
         rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-        lines = [f"transfer (match={self.match}, on_mismatch={self.on_mismatch})", line(head), rule]
+        dry = "; dry run: nothing was written" if self.dry_run else ""
+        lines = [f"transfer (match={self.match}, on_mismatch={self.on_mismatch}{dry})", line(head), rule]
         lines += [line(r) for r in body]
         lines.append(rule)
         lines.append(", ".join(f"{v} {k}" for k, v in self.counts.items()) + f", {len(self.unused)} unused")

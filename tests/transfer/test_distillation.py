@@ -248,3 +248,62 @@ def test_distill_loop_contract(capsys):
         distill(student, teacher, [x], opt, -1)
     with pytest.raises(ValueError, match="target is required"):
         distill(student, teacher, [x], opt, 1, progress=False)  # the default loss has alpha = 0.5
+
+
+# ------------------------------------------------------------------------------------ transformers outputs
+def test_model_outputs_with_logits_are_accepted():
+    """A transformers ModelOutput (anything with a tensor .logits) is the same as its logits."""
+    transformers = pytest.importorskip("transformers")
+    s, t, y = make()
+    out_s = transformers.modeling_outputs.CausalLMOutput(logits=s)
+    out_t = transformers.modeling_outputs.CausalLMOutput(logits=t)
+    want = distillation_loss(s, t, y, backend="torch")
+    assert torch.equal(distillation_loss(out_s, out_t, y, backend="torch"), want)
+    assert torch.equal(DistillationLoss(backend="torch")(out_s, t, y), want)
+
+
+def test_vocabulary_mismatch_names_both_sizes_and_shared_slices():
+    s, t, y = make()
+    y = y.clamp(max=39).masked_fill(y < 0, -100)
+    loss = DistillationLoss(backend="torch")
+    with pytest.raises(ValueError, match=r"vocabulary mismatch: student_logits has 50 classes, teacher_logits 40"):
+        loss(s, t[..., :40], y)
+    shared = DistillationLoss(backend="torch", vocab="shared")
+    got = shared(s, t[..., :40], y)
+    want = distillation_loss(s[..., :40], t[..., :40], y, backend="torch")
+    assert torch.equal(got, want)
+    got.backward()
+    assert bool((s.grad[..., 40:] == 0).all()) and bool((s.grad[..., :40] != 0).any())
+    y2 = y.clone()
+    y2.view(-1)[1] = 45
+    with pytest.raises(ValueError, match="keeps classes 0..39, but target holds class 45"):
+        shared(s, t[..., :40], y2)
+    with pytest.raises(ValueError, match="vocab"):
+        DistillationLoss(vocab="slice")
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_distill_gpt2_teacher_into_smaller_gpt2():
+    """distill end to end on transformers GPT-2 models with the fused loss: dict inputs, ModelOutputs, shifted
+    byte targets; the student moves towards the teacher."""
+    from tests.transfer._hf import VOCAB, build
+
+    teacher = build("gpt2", hidden=32, layers=2, ff=64)
+    student = build("gpt2", hidden=16, layers=1, heads=2, ff=32, seed=3)
+    gen = torch.Generator().manual_seed(0)
+    seqs = torch.randint(0, VOCAB, (8, 13), generator=gen)
+    data = [({"input_ids": seqs[i:i + 4, :-1]}, seqs[i:i + 4, 1:]) for i in (0, 4)]
+
+    def kl_to_teacher():
+        with torch.no_grad():
+            x = {"input_ids": seqs[:, :-1]}
+            return float(distillation_loss(student(**x), teacher(**x), alpha=1.0, backend="torch"))
+
+    before = kl_to_teacher()
+    opt = torch.optim.Adam(student.parameters(), lr=1e-2)
+    loss = DistillationLoss(alpha=1.0, temperature=2.0)
+    history = distill(student, teacher, data, opt, 8, loss=loss, progress=False)
+    assert len(history) == 8 and history[-1]["loss"] < history[0]["loss"]
+    assert kl_to_teacher() < 0.5 * before
+    acc = distill(student, teacher, data, opt, 1, progress=False, eval_data=data)[-1]["accuracy"]
+    assert 0.0 <= acc <= 1.0

@@ -373,3 +373,67 @@ def test_report_is_data():
         report["nope"]
     with pytest.raises(ValueError, match="status must be one of"):
         report.by_status("lost")
+
+
+# ------------------------------------------------------------------ transformers models: roles, dry runs
+def _hf():
+    return pytest.importorskip("tests.transfer._hf")
+
+
+def test_order_matching_refuses_crossing_roles():
+    """Llama -> GPT-2 by order would pair GPT-2's position table with a key projection of the same shape."""
+    hf = _hf()
+    src = hf.build("llama", kv_heads=2, heads=4)  # k_proj [16, 32]
+    dst = hf.build("gpt2")
+    dst.transformer.wpe = nn.Embedding(16, 32)  # wpe [16, 32]: the same shape as k_proj
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    with pytest.raises(ValueError, match=r"transformer\.wpe\.weight \(embedding\) <- "
+                                         r"model\.layers\.0\.self_attn\.k_proj\.weight \(projection\)"):
+        transfer_parameters(src, dst, match="order")
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())
+    with pytest.warns(UserWarning, match="transformer.wpe.weight"):
+        report = transfer_parameters(src, dst, match="order", on_role_mismatch="warn")
+    assert report["transformer.wpe.weight"].status == COPIED
+    assert torch.equal(dst.transformer.wpe.weight, src.model.layers[0].self_attn.k_proj.weight)
+    with pytest.raises(ValueError, match="on_role_mismatch"):
+        transfer_parameters(src, dst, match="order", on_role_mismatch="skip")
+
+
+def test_role_of():
+    from nnopt.transfer.parameters import role_of
+
+    roles = {"transformer.wte.weight": "embedding", "transformer.wpe.weight": "embedding",
+             "bert.embeddings.word_embeddings.weight": "embedding", "model.embed_tokens.weight": "embedding",
+             "lm_head.weight": "embedding", "transformer.h.0.ln_1.weight": "norm",
+             "model.layers.3.input_layernorm.weight": "norm", "bert.encoder.layer.0.output.LayerNorm.bias": "norm",
+             "transformer.ln_f.weight": "norm", "transformer.h.0.attn.c_attn.weight": "projection",
+             "model.layers.0.mlp.down_proj.weight": "projection",
+             "bert.encoder.layer.0.attention.self.query.weight": "projection", "0.weight": "other",
+             "classifier.weight": "other", "fc1.bias": "projection", "bn1.running_mean": "norm"}
+    assert {k: role_of(k) for k in roles} == roles
+
+
+def test_gpt2_width_transfer_by_order_and_dry_run():
+    """GPT-2 into a wider GPT-2 by order with slicing: no role crossing, every tensor reported; a dry run reports
+    the same and writes nothing."""
+    hf = _hf()
+    src, dst = hf.build("gpt2", hidden=32, ff=48), hf.build("gpt2", hidden=48, ff=64, seed=5)
+    before = {k: v.clone() for k, v in dst.state_dict().items()}
+    dry = transfer_parameters(src, dst, match="order", on_mismatch="slice", dry_run=True)
+    assert dry.dry_run and "dry run: nothing was written" in str(dry) and "dry_run=True" in repr(dry)
+    assert all(torch.equal(v, dst.state_dict()[k]) for k, v in before.items())
+    report = transfer_parameters(src, dst, match="order", on_mismatch="slice")
+    assert [(e.target, e.source, e.status) for e in report] == [(e.target, e.source, e.status) for e in dry]
+    assert [e.target for e in report] == [k for k in dst.state_dict() if not k.endswith("_mask")]
+    assert {e.status for e in report} <= {COPIED, SLICED, TIED} and report.counts[SLICED] > 0
+    assert torch.equal(dst.transformer.h[1].mlp.c_fc.weight[:32, :48], src.transformer.h[1].mlp.c_fc.weight)
+    assert dst.lm_head.weight is dst.transformer.wte.weight
+
+
+def test_dry_run_by_name_raises_like_a_real_run():
+    src, dst = Old(), New()
+    dry = transfer_parameters(src, dst, RENAME, on_mismatch="slice", dry_run=True)
+    real = transfer_parameters(src, New(), RENAME, on_mismatch="slice")
+    assert [(e.target, e.status) for e in dry] == [(e.target, e.status) for e in real]
+    with pytest.raises(ValueError, match="shape mismatches"):
+        transfer_parameters(src, dst, RENAME, on_mismatch="error", dry_run=True)
