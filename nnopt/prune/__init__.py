@@ -47,3 +47,10 @@ from nnopt.prune.iterative import History, iterative
 from nnopt.prune.pruner import Pruner
 
 __all__ += ["CompactReport", "History", "Pruner", "compact", "iterative", "schedules"]
+
+# One-shot pruning with calibration data (block by block, as the papers): Wanda and SparseGPT.
+from nnopt.prune import oneshot
+from nnopt.prune.sparsegpt import sparsegpt
+from nnopt.prune.wanda import wanda
+
+__all__ += ["oneshot", "sparsegpt", "wanda"]
