@@ -82,7 +82,15 @@ def _link_of(module):
 
 def _zero_pruned_grad(grad, module, name):
     mask = module._buffers.get(name + MASK_SUFFIX)
-    return grad if mask is None else torch.where(mask, grad, grad.new_zeros(()))  # one pass, no ~mask temporary
+    if mask is None:
+        return grad
+    if grad.layout == torch.sparse_coo:  # nn.Embedding(sparse=True): mask the values of the rows it touches
+        grad = grad.coalesce()
+        idx = grad.indices()
+        keep = mask[tuple(idx)]  # [nnz, *trailing dims of the sparse part's values]
+        values = torch.where(keep, grad.values(), grad.values().new_zeros(()))
+        return torch.sparse_coo_tensor(idx, values, grad.shape, is_coalesced=True, check_invariants=False)
+    return torch.where(mask, grad, grad.new_zeros(()))  # one pass, no ~mask temporary
 
 
 def _is_dtensor(t):

@@ -1,6 +1,7 @@
 """``compact(model)``: removes structurally pruned neurons so the model gets smaller, computing the same function.
 
-A neuron ``j`` of ``nn.Linear`` L1 whose weight row is all zero (what ``ln_structured(..., dim=0)`` leaves)
+A neuron ``j`` of ``nn.Linear`` L1 whose weight row is all zero (a column of a transformers ``Conv1D``, whose weight
+is stored ``[in, out]``; Conv1D is handled as the Linear it is throughout) (what ``ln_structured(..., dim=0)`` leaves)
 outputs the constant ``b_j``. Where L1 feeds the next ``nn.Linear`` L2 through a chain of per-feature
 operations (activations, dropout, BatchNorm1d, scalar arithmetic) that nothing else reads, the neuron goes:
 
@@ -29,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nnopt.layers import in_dim, in_out_features, is_conv1d, weight_as_linear
 from nnopt.prune._contract import apply_mask, current_mask, pruned_names, remove_mask
 
 __all__ = ["CompactReport", "compact"]
@@ -123,7 +125,30 @@ def _mid_module(module, width):
 
 
 def _is_linear(module):
-    return type(module) is nn.Linear
+    return type(module) is nn.Linear or is_conv1d(module)
+
+
+def _out_features(module):
+    return in_out_features(module)[1]
+
+
+def _in_features(module):
+    return in_out_features(module)[0]
+
+
+def _set_features(module, in_features=None, out_features=None):
+    conv1d = is_conv1d(module)
+    if in_features is not None:
+        setattr(module, "nx" if conv1d else "in_features", in_features)
+    if out_features is not None:
+        setattr(module, "nf" if conv1d else "out_features", out_features)
+
+
+class _Tracer(torch.fx.Tracer):
+    """torch.fx's tracer with transformers' Conv1D as a leaf (a Linear, not code to trace through)."""
+
+    def is_leaf_module(self, m, qualname):
+        return is_conv1d(m) or super().is_leaf_module(m, qualname)
 
 
 def _chains_fx(model, graph):
@@ -144,7 +169,7 @@ def _chains_fx(model, graph):
     for node in graph.nodes:
         if node.op != "call_module" or not _is_linear(model.get_submodule(node.target)):
             continue
-        name, width = node.target, model.get_submodule(node.target).out_features
+        name, width = node.target, _out_features(model.get_submodule(node.target))
         if calls[name] > 1:
             failed[name] = f"called {calls[name]} times in forward (a shared layer)"
             continue
@@ -170,7 +195,7 @@ def _chains_fx(model, graph):
                 if _is_linear(sub):
                     if calls[u.target] > 1:
                         reason = f"the next layer {u.target} is called {calls[u.target]} times in forward"
-                    elif len(u.args) != 1 or u.kwargs or sub.in_features != width:
+                    elif len(u.args) != 1 or u.kwargs or _in_features(sub) != width:
                         reason = f"the next layer {u.target} is called in a way compact cannot follow"
                     else:
                         chains.append(_Chain(name, mids, u.target))
@@ -218,12 +243,12 @@ def _chains_sequential(model):
             if not _is_linear(module):
                 continue
             full = f"{prefix}.{name}" if prefix else name
-            width, mids, j, reason = module.out_features, [], i + 1, None
+            width, mids, j, reason = _out_features(module), [], i + 1, None
             while j < len(children):
                 sub_name, sub = children[j]
                 sub_full = f"{prefix}.{sub_name}" if prefix else sub_name
                 if _is_linear(sub):
-                    if sub.in_features != width:
+                    if _in_features(sub) != width:
                         reason = f"the next layer {sub_full} does not take its {width} features"
                     else:
                         chains.append(_Chain(full, mids, sub_full))
@@ -297,7 +322,7 @@ def _compact_chain(model, chain, report):
         why = _hooked(m)
         if why is not None:
             return n, why
-    w1 = first.weight.detach()
+    w1 = weight_as_linear(first).detach()  # [out, in], Conv1D included
     dead = ~(w1 != 0).any(dim=1)
     if not bool(dead.any()):
         return None
@@ -308,27 +333,32 @@ def _compact_chain(model, chain, report):
     b1 = first.bias.detach() if first.bias is not None else torch.zeros(w1.shape[0], dtype=w1.dtype,
                                                                           device=w1.device)
     const = _constant_through(chain.mids, b1)
-    w2 = second.weight.detach()
+    w2 = weight_as_linear(second).detach()
     fold = (w2[:, gone].double() @ const[gone].double()).to(w2.dtype)
     if second.bias is not None:
         _replace(second, "bias", second.bias.detach() + fold, lambda m: m)
     elif bool((fold != 0).any()):
         second.bias = nn.Parameter(fold)
-    _replace(first, "weight", w1[keep].clone(), lambda m: m[keep])
+    out_dim1, in_dim2 = 1 - in_dim(first), in_dim(second)  # the dims that index those units in storage
+    _replace(first, "weight", first.weight.detach().index_select(out_dim1, keep),
+             lambda m: m.index_select(out_dim1, keep))
     if first.bias is not None:
         _replace(first, "bias", b1[keep].clone(), lambda m: m[keep])
-    first.out_features = int(keep.numel())
+    _set_features(first, out_features=int(keep.numel()))
     for mid in chain.mids:
         if mid.module is not None:
             _slice_features(mid.module, keep)
-    _replace(second, "weight", w2[:, keep].clone(), lambda m: m[:, keep])
-    second.in_features = int(keep.numel())
+    _replace(second, "weight", second.weight.detach().index_select(in_dim2, keep),
+             lambda m: m.index_select(in_dim2, keep))
+    _set_features(second, in_features=int(keep.numel()))
     report.compacted.append({"layer": chain.first, "next": chain.second, "through": [m.label for m in chain.mids],
                              "removed": int(gone.numel()), "kept": int(keep.numel())})
     return None
 
 
 def _structurally_pruned(module):
+    if is_conv1d(module):
+        return bool((~(weight_as_linear(module).detach() != 0).any(1)).any())
     w = module._parameters.get("weight")
     if not isinstance(w, torch.Tensor) or w.dim() < 2:
         w = getattr(module, "weight", None)  # torch.nn.utils.prune keeps the masked weight as an attribute
@@ -346,7 +376,7 @@ def compact(model):
         raise TypeError(f"compact: model must be an nn.Module, got {type(model).__name__}")
     report = CompactReport(params_before=_n_params(model))
     try:
-        graph = torch.fx.Tracer().trace(model)
+        graph = _Tracer().trace(model)
         chains, failed = _chains_fx(model, graph)
     except Exception as e:  # noqa: BLE001 - any tracing failure means: follow nn.Sequential only
         report.traced = False
@@ -368,7 +398,7 @@ def compact(model):
         if _is_linear(module):
             why = failed.get(name) or _hooked(module) or "the traced forward does not call it as a module"
         else:
-            why = f"{type(module).__name__}: compact removes units of nn.Linear layers only"
+            why = f"{type(module).__name__}: compact removes units of nn.Linear and Conv1D layers only"
         report.left_alone.append((name, why))
     report.params_after = _n_params(model)
     return report

@@ -56,15 +56,18 @@ def compute_mask(module, name, method, importance_scores=None):
     ``PruningContainer`` over the current mask, exactly as torch's ``BasePruningMethod.apply`` does.
     """
     t = get_param(module, name)
-    scores = scores_for(module, name, t, importance_scores)
+    # torch's methods index their mask through .view(-1), which fails on a channels_last (non-contiguous) weight;
+    # the mask is computed in the contiguous order instead (unchanged for a contiguous weight: same masks, same
+    # random numbers as torch) and comes back in the weight's shape.
+    scores = scores_for(module, name, t, importance_scores).contiguous()
     method._tensor_name = name
     if name + MASK_SUFFIX in module._buffers:
         container = _tp.PruningContainer()
         container._tensor_name = name
         container.add_pruning_method(method)
-        mask = container.compute_mask(scores, module._buffers[name + MASK_SUFFIX].to(scores.dtype))
+        mask = container.compute_mask(scores, module._buffers[name + MASK_SUFFIX].to(scores.dtype).contiguous())
     else:
-        mask = method.compute_mask(scores, torch.ones_like(scores))
+        mask = method.compute_mask(scores, torch.ones_like(scores, memory_format=torch.contiguous_format))
     return mask != 0
 
 

@@ -17,6 +17,7 @@ import functools
 import torch
 from torch.nn.utils import prune as _tp
 
+from nnopt.layers import is_linear_like
 from nnopt.prune._contract import current_mask
 
 __all__ = ["Pruner", "prunable", "prune_to", "sparsity_of", "zero_state"]
@@ -27,9 +28,10 @@ _SCOPES = ("layer", "global")
 
 
 def prunable(model):
-    """``[(module, "weight")]`` for every Linear and Conv layer of ``model``: what ``Pruner(model, ...)`` prunes."""
+    """``[(module, "weight")]`` for every linear layer (``nn.Linear`` and transformers' ``Conv1D``, see
+    ``nnopt.layers``) and Conv layer of ``model``: what ``Pruner(model, ...)`` prunes."""
     return [(m, "weight") for m in model.modules()
-            if isinstance(m, (torch.nn.Linear, torch.nn.modules.conv._ConvNd))
+            if (is_linear_like(m) or isinstance(m, torch.nn.modules.conv._ConvNd))
             and isinstance(m._parameters.get("weight"), torch.Tensor)]
 
 
@@ -175,7 +177,7 @@ def zero_state(optimizer, pairs):
 class Pruner:
     """Raises sparsity on ``schedule`` each time ``step()`` is called.
 
-    model_or_parameters: an nn.Module (its Linear and Conv weights are pruned) or (module, name) pairs.
+    model_or_parameters: an nn.Module (its Linear, Conv1D and Conv weights are pruned) or (module, name) pairs.
     method: a pruning function ``(module, name, amount, ...)`` such as ``nnopt.prune.l1_unstructured`` or
     ``functools.partial(nnopt.prune.ln_structured, n=2, dim=0)``; extra keyword arguments go to it.
     schedule: a callable ``step -> target sparsity`` (``nnopt.prune.schedules``).

@@ -4,11 +4,13 @@ One row per parameter of each module that has parameters: ``layer`` (the module'
 ``shape``, ``params`` (entries), ``nonzeros``, ``sparsity`` (fraction of entries exactly 0), ``block_sparsity``
 (fraction of ``block`` tiles, default 32×32, of the tensor viewed as ``(shape[0], -1)`` that are entirely 0;
 edge tiles are smaller; None for tensors with fewer than 2 dimensions) and ``masked`` (whether it carries a
-``<name>_mask`` buffer). ``Report.total`` sums the whole model.
+``<name>_mask`` buffer). A transformers ``Conv1D`` weight (stored ``[in, out]``) is tiled in its ``[out, in]`` view,
+as an ``nn.Linear``'s, so block sparsity means the same thing for both. ``Report.total`` sums the whole model.
 """
 
 import torch
 
+from nnopt.layers import is_conv1d
 from nnopt.prune._contract import MASK_SUFFIX
 from nnopt.prune.structured import block_sums
 
@@ -58,7 +60,7 @@ def report(model, block=(32, 32)):
             nonzeros = int(torch.count_nonzero(p))
             bsp = None
             if p.dim() >= 2 and params:
-                tiles = block_sums(p, block)
+                tiles = block_sums(p.t() if name == "weight" and is_conv1d(module) else p, block)
                 bsp = float((tiles == 0).sum()) / tiles.numel()
             rows.append({"layer": layer, "param": name, "shape": tuple(p.shape), "params": params,
                          "nonzeros": nonzeros, "sparsity": 1.0 - nonzeros / params if params else 0.0,

@@ -15,6 +15,7 @@ import numbers
 
 import torch
 
+from nnopt.layers import in_dim, is_conv1d
 from nnopt.prune._contract import apply_mask, current_mask, get_param
 from nnopt.prune.methods import check_amount, check_dim, scores_for
 
@@ -29,8 +30,8 @@ def _check_int(value, arg, low):
 def nm_structured(module, name, n=2, m=4, dim=None, importance_scores=None):
     """Keeps the ``n`` largest |w| of every ``m`` consecutive entries of ``module.<name>`` along ``dim``.
 
-    ``dim`` defaults to the input dimension: the last one of a 1-D or 2-D (Linear) weight, 1 (input channels) of
-    a convolution weight. Entries already pruned count as the smallest. ValueError when ``n`` is not in [0, m]
+    ``dim`` defaults to the input dimension: the last one of a 1-D or 2-D (Linear) weight, 0 of a transformers
+    ``Conv1D`` weight (stored ``[in, out]``), 1 (input channels) of a convolution weight. Entries already pruned count as the smallest. ValueError when ``n`` is not in [0, m]
     or the size along ``dim`` is not divisible by ``m``.
     """
     _check_int(m, "m", 1)
@@ -41,7 +42,7 @@ def nm_structured(module, name, n=2, m=4, dim=None, importance_scores=None):
     if t.dim() == 0:
         raise ValueError(f"N:M pruning needs a tensor with at least 1 dimension; {name} is a scalar")
     if dim is None:
-        dim = t.dim() - 1 if t.dim() <= 2 else 1
+        dim = in_dim(module) if name == "weight" and is_conv1d(module) else t.dim() - 1 if t.dim() <= 2 else 1
     check_dim(t, dim)
     if t.shape[dim] % m:
         raise ValueError(f"m={m} must divide the size {t.shape[dim]} of dimension {dim} of {name} "
@@ -84,6 +85,9 @@ def _expand(blocks, block, shape):
 def block_unstructured(module, name, amount, block=(32, 32), importance_scores=None):
     """Prunes whole ``block = (bn, bk)`` blocks of ``module.<name>`` (viewed as ``(shape[0], -1)``) by L1 norm.
 
+    A transformers ``Conv1D`` weight (stored ``[in, out]``) is viewed as ``[out, in]``, as an ``nn.Linear``'s:
+    ``bn`` runs along the outputs and ``bk`` along the inputs for both.
+
     ``amount``: a fraction in [0, 1] of the blocks that still hold an unpruned entry (rounded as torch rounds),
     or an int count of them; the blocks with the smallest sum of |w| (or of |importance_scores|) go first.
     ValueError for an amount out of range or larger than the number of remaining blocks.
@@ -95,10 +99,12 @@ def block_unstructured(module, name, amount, block=(32, 32), importance_scores=N
         raise ValueError(f"block pruning needs a tensor with at least 2 dimensions; {name} has shape "
                          f"{tuple(t.shape)}")
     old = current_mask(module, name)
+    flip = name == "weight" and is_conv1d(module)  # score and cut blocks in the [out, in] view
+    view = (lambda x: x.t()) if flip else (lambda x: x)
     with torch.no_grad():
-        scores = scores_for(module, name, t, importance_scores).masked_fill(~old, 0)
+        scores = view(scores_for(module, name, t, importance_scores).masked_fill(~old, 0))
         sums = block_sums(scores, block).flatten()
-        alive = block_sums(old.float(), block).flatten() > 0
+        alive = block_sums(view(old).float(), block).flatten() > 0
         remaining = int(alive.sum())
         k = amount if isinstance(amount, numbers.Integral) else round(amount * remaining)
         if k > remaining:
@@ -107,8 +113,8 @@ def block_unstructured(module, name, amount, block=(32, 32), importance_scores=N
         order = torch.sort(sums.masked_fill(~alive, float("inf")), stable=True).indices
         keep = torch.ones_like(sums, dtype=torch.bool)
         keep[order[:k]] = False
-        gr = -(-t.shape[0] // block[0])
-        keep = _expand(keep.reshape(gr, -1), block, t.shape)
+        gr = -(-scores.shape[0] // block[0])
+        keep = view(_expand(keep.reshape(gr, -1), block, scores.shape))
     return apply_mask(module, name, old & keep)
 
 

@@ -1,0 +1,182 @@
+"""SparseGPT (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in One-Shot").
+
+Per layer, with ``W`` ``[out, in]`` and the calibration inputs' ``H = Σ_t x_t x_tᵀ`` ``[in, in]``:
+
+    dead = diag(H) == 0:  H[j, j] = 1, W[:, j] = 0        (inputs never active on the calibration data)
+    H += percdamp · mean(diag(H)) · I
+    U = cholesky(H⁻¹, upper)                                (the rows of U are the OBS updates, in column order)
+    for each column block [i1, i2) of ``blocksize`` columns:
+        choose the block's mask from  w² / U[j, j]²  (the OBS saliency), on the weights as updated so far
+        for each column j of the block:  q = w_j pruned by the mask;  e = (w_j - q) / U[j, j]
+                                         W[:, j:] -= e ⊗ U[j, j:]         (the remaining weights compensate)
+        (lazy batch: inside the block, then once for the columns after it: W[:, i2:] -= E · U[i1:i2, i2:])
+
+Mask choice per pattern (the paper's "adaptive mask selection"):
+- unstructured: each column block prunes exactly ``floor(out · width · sparsity)`` of its entries, the lowest
+  saliencies (the paper's code prunes ``<=`` a threshold, which can overshoot on ties; this count is exact);
+- N:M: at the first column of each group of M, each row prunes the M - N lowest saliencies of the group
+  (``blocksize`` is rounded up to a multiple of M);
+- (bn, bk) blocks: each column block (rounded up to a multiple of bk) prunes ``floor(tiles · sparsity)`` of its
+  bn × bk tiles, those with the lowest summed saliency.
+Ties go by a stable ascending sort: the lower (row-major) index is pruned first. Entries an earlier mask pruned
+score -1 and are always pruned.
+
+The computation runs in float32 (float64 when the weight is float64); Cholesky and its inverse are torch.linalg's.
+"""
+
+import torch
+
+from nnopt.prune import oneshot
+
+__all__ = ["sparsegpt", "sparsegpt_prune", "inverse_hessian_factor"]
+
+
+def inverse_hessian_factor(hessian, percdamp=0.01, name="weight"):
+    """(U, dead): U the upper Cholesky factor of the damped ``hessian``'s inverse, dead the inputs with H_jj = 0.
+
+    ``hessian`` [K, K] (float32 or float64) is overwritten: U is computed in its storage (no K×K copy).
+    RuntimeError naming the layer when the damped Hessian is not positive definite.
+    """
+    h = hessian
+    diag = h.diagonal()
+    dead = diag == 0
+    diag.masked_fill_(dead, 1.0)
+    diag.add_(percdamp * diag.mean())
+    info = torch.zeros((), dtype=torch.int32, device=h.device)
+    # In place (out= the input): the K×K factor and inverse reuse the Hessian's storage.
+    torch.linalg.cholesky_ex(h, out=(h, info))
+    if info.item():
+        raise RuntimeError(f"sparsegpt: the damped Hessian of layer {name!r} is not positive definite "
+                           f"(percdamp={percdamp}); raise percdamp")
+    torch.cholesky_inverse(h, out=h)
+    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
+    if info.item():
+        raise RuntimeError(f"sparsegpt: the inverse Hessian of layer {name!r} is not positive definite "
+                           f"(percdamp={percdamp}); raise percdamp")
+    upper = h
+    return upper, dead
+
+
+def _block_width(pattern, blocksize):
+    unit = pattern.m if pattern.kind == "nm" else pattern.block[1] if pattern.kind == "block" else 1
+    return -(-blocksize // unit) * unit
+
+
+def _lowest(tmp, count):
+    """Bool mask of the ``count`` lowest entries of ``tmp`` (flattened; stable: lower index first on ties)."""
+    mask = torch.zeros(tmp.numel(), dtype=torch.bool, device=tmp.device)
+    if count:
+        mask[torch.sort(tmp.flatten(), stable=True).indices[:count]] = True
+    return mask.reshape(tmp.shape)
+
+
+@torch.no_grad()
+def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, old=None):
+    """SparseGPT on one layer: (new weight, keep mask), both ``[out, in]``; see the module docstring.
+
+    weight: ``[out, in]`` (any float dtype; computed in float32, float64 stays float64); upper, dead: from
+    ``inverse_hessian_factor``; pattern: a Pattern or its spelling; sparsity: float in [0, 1) (None for N:M);
+    old: an earlier keep-mask or None. Returns the pruned weight in the computation dtype.
+    """
+    pattern = pattern if isinstance(pattern, oneshot.Pattern) else oneshot.parse_pattern(pattern)
+    sparsity = pattern.sparsity if pattern.kind == "nm" else sparsity
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    w = weight.detach().to(dtype=dtype, copy=True)
+    upper = upper.to(dtype)
+    rows, cols = w.shape
+    w[:, dead] = 0
+    pruned_old = None if old is None else ~old
+    keep = torch.ones(rows, cols, dtype=torch.bool, device=w.device)
+    width = _block_width(pattern, blocksize)
+    for i1 in range(0, cols, width):
+        i2 = min(i1 + width, cols)
+        count = i2 - i1
+        w1 = w[:, i1:i2].clone()
+        q1 = torch.zeros_like(w1)
+        err1 = torch.zeros_like(w1)
+        u1 = upper[i1:i2, i1:i2]
+        d = u1.diagonal()
+        old1 = None if pruned_old is None else pruned_old[:, i1:i2]
+        if pattern.kind == "unstructured":
+            tmp = w1.square() / d.square().unsqueeze(0)
+            if old1 is not None:
+                tmp.masked_fill_(old1, -1.0)
+            mask1 = _lowest(tmp, int(tmp.numel() * sparsity))
+        elif pattern.kind == "block":
+            bn, bk = pattern.block
+            tmp = w1.square() / d.square().unsqueeze(0)
+            if old1 is not None:
+                tmp.masked_fill_(old1, 0.0)
+            tiles = tmp.reshape(rows // bn, bn, count // bk, bk).sum(dim=(1, 3))
+            if old1 is not None:
+                emptied = old1.reshape(rows // bn, bn, count // bk, bk).all(dim=3).all(dim=1)
+                tiles.masked_fill_(emptied, -1.0)
+            low = _lowest(tiles, int(tiles.numel() * sparsity))
+            mask1 = low.reshape(rows // bn, 1, count // bk, 1).expand(-1, bn, -1, bk).reshape(rows, count).clone()
+        else:
+            mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        if old1 is not None:
+            mask1 |= old1
+        n, m = pattern.n, pattern.m
+        for i in range(count):
+            col = w1[:, i]
+            if pattern.kind == "nm" and i % m == 0:
+                tmp = w1[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
+                if old1 is not None:
+                    tmp.masked_fill_(old1[:, i:i + m], -1.0)
+                idx = torch.sort(tmp, dim=1, stable=True).indices[:, :m - n]
+                mask1[:, i:i + m].scatter_(1, idx, True)
+            q = col.masked_fill(mask1[:, i], 0.0)
+            q1[:, i] = q
+            e = (col - q) / u1[i, i]
+            err1[:, i] = e
+            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
+        w[:, i1:i2] = q1
+        if i2 < cols:
+            w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1.0)
+        keep[:, i1:i2] = ~mask1
+    return w, keep
+
+
+class _SparseGPT:
+    stats = "hessian"
+
+    def __init__(self, blocksize, percdamp):
+        self.blocksize, self.percdamp = blocksize, percdamp
+        self._factor = None  # (hessian id, U, dead): layers of one group share their input, so their factor
+
+    def check(self, name, module):
+        pass
+
+    def prune(self, weight, stats, sparsity, pattern, old, name):
+        if self._factor is None or self._factor[0] is not stats:
+            self._factor = None
+            upper, dead = inverse_hessian_factor(stats, self.percdamp, name)
+            self._factor = (stats, upper, dead)
+        return sparsegpt_prune(weight, self._factor[1], self._factor[2], pattern, sparsity, self.blocksize, old)
+
+    def release(self):
+        self._factor = None
+
+
+def _check_args(blocksize, percdamp):
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
+        raise ValueError(f"blocksize must be an int >= 1, got {blocksize!r}")
+    if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp > 0:
+        raise ValueError(f"percdamp must be a float > 0, got {percdamp!r}")
+
+
+def sparsegpt(model, calibration, sparsity=None, pattern="unstructured", blocksize=128, percdamp=0.01, layers=None,
+              skip=("lm_head", "*.lm_head"), blocks=None, atomic=True):
+    """Prunes ``model``'s linear layers in place with SparseGPT; returns ``{layer name: sparsity}``.
+
+    Arguments as ``nnopt.prune.wanda``, plus blocksize (columns per lazy-update block, 128 as the paper) and
+    percdamp (damping, a fraction of the Hessian's mean diagonal). The remaining weights are updated to
+    reconstruct each layer's outputs on the calibration inputs.
+    """
+    _check_args(blocksize, percdamp)
+    method = _SparseGPT(blocksize, float(percdamp))
+    try:
+        return oneshot.run(model, calibration, method, sparsity, pattern, layers, skip, blocks, atomic, "sparsegpt")
+    finally:
+        method.release()

@@ -1,0 +1,89 @@
+"""Wanda (Sun et al., 2024, "A Simple and Effective Pruning Approach for Large Language Models").
+
+Score of weight ``W_ij`` (output i, input j): ``|W_ij| · ||X_j||_2``, the norm of input feature j over every
+calibration token. The weights are not updated; the lowest scores are pruned within a comparison group:
+
+- unstructured: each output row keeps its ``K - floor(K · sparsity)`` highest scores (the paper's per-output
+  comparison group);
+- N:M: each group of M consecutive inputs in a row keeps its N highest scores;
+- (bn, bk) blocks: a block scores the sum of its entries' scores; the layer keeps its
+  ``B - floor(B · sparsity)`` highest-scoring blocks.
+
+Ties: the sort is stable and descending, so among equal scores the lower index (input j, or block in row-major
+order) is kept. Entries an earlier mask pruned score -1 (0 in a block sum) and stay pruned.
+"""
+
+import torch
+
+from nnopt.prune import oneshot
+
+__all__ = ["wanda", "wanda_scores", "wanda_mask"]
+
+
+def wanda_scores(weight, norms):
+    """``|W| · norms``: weight ``[out, in]`` (any float dtype), norms ``[in]`` → float32 ``[out, in]``."""
+    return weight.detach().abs().float() * norms.float().unsqueeze(0)
+
+
+def keep_top(score, pattern, sparsity, old=None):
+    """The bool keep-mask ``[out, in]`` of ``score`` under ``pattern`` (see the module docstring for the groups)."""
+    rows, cols = score.shape
+    if pattern.kind == "block":
+        bn, bk = pattern.block
+        if old is not None:
+            score = score.masked_fill(~old, 0.0)
+        tiles = score.reshape(rows // bn, bn, cols // bk, bk).sum(dim=(1, 3)).flatten()
+        if old is not None:  # a block an earlier mask emptied stays pruned
+            alive = old.reshape(rows // bn, bn, cols // bk, bk).any(dim=3).any(dim=1).flatten()
+            tiles = tiles.masked_fill(~alive, -1.0)
+        kept = tiles.numel() - int(tiles.numel() * sparsity)
+        order = torch.sort(tiles, descending=True, stable=True).indices
+        keep_tiles = torch.zeros_like(tiles, dtype=torch.bool)
+        keep_tiles[order[:kept]] = True
+        keep = keep_tiles.reshape(rows // bn, 1, cols // bk, 1).expand(-1, bn, -1, bk).reshape(rows, cols)
+        return keep if old is None else keep & old
+    if old is not None:
+        score = score.masked_fill(~old, -1.0)
+    if pattern.kind == "nm":
+        groups = score.reshape(-1, pattern.m)
+        kept = pattern.n
+    else:
+        groups = score
+        kept = cols - int(cols * sparsity)
+    order = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :kept]
+    keep = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, order, True).reshape(rows, cols)
+    return keep if old is None else keep & old
+
+
+def wanda_mask(weight, norms, pattern="unstructured", sparsity=None, old=None):
+    """Wanda's keep-mask (bool ``[out, in]``) of ``weight`` ``[out, in]`` given ``norms`` ``[in]`` (``||X_j||_2``).
+
+    ``pattern``: as in ``wanda``; ``sparsity``: a float in [0, 1) (None for N:M); ``old``: an earlier keep-mask.
+    """
+    pattern = oneshot.parse_pattern(pattern) if not isinstance(pattern, oneshot.Pattern) else pattern
+    sparsity = pattern.sparsity if pattern.kind == "nm" else sparsity
+    pattern.check_layer("weight", weight.shape[0], weight.shape[1])
+    return keep_top(wanda_scores(weight, norms), pattern, sparsity, old)
+
+
+class _Wanda:
+    stats = "norms"
+
+    def check(self, name, module):
+        pass
+
+    def prune(self, weight, stats, sparsity, pattern, old, name):
+        return None, keep_top(wanda_scores(weight, stats.sqrt()), pattern, sparsity, old)
+
+
+def wanda(model, calibration, sparsity=None, pattern="unstructured", layers=None, skip=("lm_head", "*.lm_head"),
+          blocks=None, atomic=True):
+    """Prunes ``model``'s linear layers in place with Wanda; returns ``{layer name: sparsity}``.
+
+    calibration: an iterable of model inputs (tensors, dicts of tensors as a DataLoader of tokenized text yields,
+    or tuples), e.g. 128 sequences. sparsity: a float in [0, 1) or a dict of glob -> float (None for N:M).
+    pattern: "unstructured", "N:M" (e.g. "2:4") or a (bn, bk) block. layers / skip / blocks / atomic: see
+    ``nnopt.prune.oneshot``. The model runs in eval mode under no_grad, block by block; its training flag and
+    ``config.use_cache`` are restored afterwards.
+    """
+    return oneshot.run(model, calibration, _Wanda(), sparsity, pattern, layers, skip, blocks, atomic, "wanda")

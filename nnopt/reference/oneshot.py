@@ -1,0 +1,102 @@
+"""Plain references of one-shot pruning's per-layer math (Wanda, SparseGPT): the oracles of the tests.
+
+Written for clarity, not speed: Python-level ranking with the documented tie rule spelled out as a sort key, and
+SparseGPT as the paper's column-by-column OBS loop without the lazy batching (every update applied to every
+remaining column at once), in float64, with H⁻¹ from ``torch.linalg.inv``. Small shapes only.
+"""
+
+import torch
+
+__all__ = ["wanda_mask", "sparsegpt"]
+
+
+def _parse(pattern):
+    if pattern in (None, "unstructured"):
+        return "unstructured", None
+    if isinstance(pattern, str):
+        n, m = map(int, pattern.split(":"))
+        return "nm", (n, m)
+    return "block", tuple(pattern)
+
+
+def _top(values, count):
+    """Indices of the ``count`` largest values; equal values: the lower index first."""
+    order = sorted(range(len(values)), key=lambda j: (-values[j], j))
+    return order[:count]
+
+
+def _bottom(values, count):
+    """Indices of the ``count`` smallest values; equal values: the lower index first."""
+    order = sorted(range(len(values)), key=lambda j: (values[j], j))
+    return order[:count]
+
+
+def wanda_mask(weight, norms, pattern="unstructured", sparsity=None):
+    """Keep-mask ``[out, in]`` of score ``|W_ij| · norms_j`` (float32): per row, per N:M group, or per block."""
+    kind, arg = _parse(pattern)
+    score = weight.abs().float() * norms.float().unsqueeze(0)
+    rows, cols = score.shape
+    keep = torch.zeros(rows, cols, dtype=torch.bool)
+    if kind == "block":
+        bn, bk = arg
+        tiles = score.reshape(rows // bn, bn, cols // bk, bk).sum(dim=(1, 3))
+        flat = tiles.flatten().tolist()
+        for t in _top(flat, len(flat) - int(len(flat) * sparsity)):
+            r, c = divmod(t, cols // bk)
+            keep[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] = True
+        return keep
+    for r in range(rows):
+        row = score[r].tolist()
+        if kind == "nm":
+            n, m = arg
+            for g in range(0, cols, m):
+                for j in _top(row[g:g + m], n):
+                    keep[r, g + j] = True
+        else:
+            for j in _top(row, cols - int(cols * sparsity)):
+                keep[r, j] = True
+    return keep
+
+
+def sparsegpt(weight, hessian, pattern="unstructured", sparsity=None, blocksize=128, percdamp=0.01):
+    """(pruned weight float64, keep mask) of SparseGPT on ``weight`` ``[out, in]`` with ``hessian`` ``[in, in]``."""
+    kind, arg = _parse(pattern)
+    w = weight.double().clone()
+    h = hessian.double().clone()
+    rows, cols = w.shape
+    dead = torch.diag(h) == 0
+    h[dead, dead] = 1
+    w[:, dead] = 0
+    h += percdamp * torch.mean(torch.diag(h)) * torch.eye(cols, dtype=torch.float64)
+    hinv = torch.linalg.cholesky(torch.linalg.inv(h), upper=True)
+    unit = arg[1] if kind in ("nm", "block") else 1
+    width = -(-blocksize // unit) * unit
+    pruned = torch.zeros(rows, cols, dtype=torch.bool)
+    for i1 in range(0, cols, width):
+        i2 = min(i1 + width, cols)
+        d2 = torch.diag(hinv)[i1:i2] ** 2
+        if kind == "unstructured":
+            tmp = (w[:, i1:i2] ** 2 / d2).flatten().tolist()
+            for t in _bottom(tmp, int(len(tmp) * sparsity)):
+                pruned[t // (i2 - i1), i1 + t % (i2 - i1)] = True
+        elif kind == "block":
+            bn, bk = arg
+            tmp = w[:, i1:i2] ** 2 / d2
+            tiles = tmp.reshape(rows // bn, bn, (i2 - i1) // bk, bk).sum(dim=(1, 3))
+            per_row = (i2 - i1) // bk
+            flat = tiles.flatten().tolist()
+            for t in _bottom(flat, int(len(flat) * sparsity)):
+                r, c = divmod(t, per_row)
+                pruned[r * bn:(r + 1) * bn, i1 + c * bk:i1 + (c + 1) * bk] = True
+        for j in range(i1, i2):
+            if kind == "nm" and (j - i1) % arg[1] == 0:
+                n, m = arg
+                tmp = w[:, j:j + m] ** 2 / torch.diag(hinv)[j:j + m] ** 2
+                for r in range(rows):
+                    for c in _bottom(tmp[r].tolist(), m - n):
+                        pruned[r, j + c] = True
+            q = torch.where(pruned[:, j], 0.0, w[:, j])
+            err = (w[:, j] - q) / hinv[j, j]
+            w[:, j:] -= torch.outer(err, hinv[j, j:])
+            w[:, j] = q
+    return w, ~pruned

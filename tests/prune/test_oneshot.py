@@ -1,0 +1,272 @@
+"""One-shot pruning (Wanda, SparseGPT): per-layer math against the plain references, patterns held exactly, the
+block-by-block driver on plain and transformers models, the reconstruction bar, and bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+import nnopt.prune as prune
+from nnopt.prune.oneshot import Stats, parse_pattern
+from nnopt.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+from nnopt.prune.wanda import wanda_mask
+from nnopt.reference import oneshot as ref
+from nnopt.testing import assert_close
+
+PATTERNS = [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None), ("1:3", None), ((4, 6), 0.5)]
+
+
+def correlated_inputs(tokens, k, seed=0, rank=32, noise=0.3, spread=0.75):
+    """Features driven by ``rank`` shared factors plus noise (correlated), scaled by log-normal factors of std
+    ``spread`` (unequal): what makes Wanda (scales) and SparseGPT (scales and correlations) beat magnitude."""
+    g = torch.Generator().manual_seed(seed)
+    basis = torch.randn(rank, k, generator=g)
+    scales = torch.exp(torch.randn(k, generator=g) * spread)
+    return (torch.randn(tokens, rank, generator=g) @ basis + noise * torch.randn(tokens, k, generator=g)) * scales
+
+
+def held_pattern(keep, pattern, sparsity):
+    """Asserts ``keep`` [out, in] holds ``pattern`` exactly."""
+    p = parse_pattern(pattern)
+    rows, cols = keep.shape
+    if p.kind == "nm":
+        assert (keep.reshape(rows, cols // p.m, p.m).sum(-1) == p.n).all()
+    elif p.kind == "block":
+        bn, bk = p.block
+        tiles = keep.reshape(rows // bn, bn, cols // bk, bk).float().mean(dim=(1, 3))
+        assert ((tiles == 0) | (tiles == 1)).all()
+        assert int((tiles == 0).sum()) == int(tiles.numel() * sparsity)
+
+
+# ---- Wanda: the formula, exactly -------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
+def test_wanda_mask_equals_reference(pattern, sparsity):
+    w, x = torch.randn(12, 24), correlated_inputs(50, 24)
+    norms = x.square().sum(0).sqrt()
+    keep = wanda_mask(w, norms, pattern, sparsity)
+    assert torch.equal(keep, ref.wanda_mask(w, norms, pattern, sparsity))
+    held_pattern(keep, pattern, sparsity)
+    if pattern == "unstructured":
+        assert (keep.sum(1) == 24 - int(24 * sparsity)).all()
+
+
+@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
+def test_wanda_ties_keep_the_lower_index(pattern, sparsity):
+    w = torch.randint(-2, 3, (12, 24)).float()  # many equal scores
+    norms = torch.ones(24)
+    keep = wanda_mask(w, norms, pattern, sparsity)
+    assert torch.equal(keep, ref.wanda_mask(w, norms, pattern, sparsity))
+
+
+# ---- SparseGPT: the paper's algorithm, float64 ----------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern,sparsity", PATTERNS)
+@pytest.mark.parametrize("blocksize", [8, 128])
+def test_sparsegpt_equals_reference(pattern, sparsity, blocksize):
+    w = torch.randn(12, 24, dtype=torch.float64)
+    x = correlated_inputs(80, 24).double()
+    x[:, 5] = 0  # a dead input
+    h = x.T @ x
+    upper, dead = inverse_hessian_factor(h.clone(), 0.01)
+    new, keep = sparsegpt_prune(w, upper, dead, pattern, sparsity, blocksize)
+    want, want_keep = ref.sparsegpt(w, h, pattern, sparsity, blocksize, 0.01)
+    assert torch.equal(keep, want_keep)
+    torch.testing.assert_close(new, want, rtol=1e-6, atol=1e-6)
+    assert (new[~keep] == 0).all()
+    held_pattern(keep, pattern, sparsity)
+
+
+def test_stats_match_direct_products():
+    x = torch.randn(3, 40, 520)
+    s = Stats("hessian", 520, "cpu")
+    s.add(x[:2])
+    s.add(x[2:])
+    assert_close(s.finish(), x.reshape(-1, 520).T @ x.reshape(-1, 520), reduction_length=120)
+    n = Stats("norms", 520, "cpu")
+    n.add(x)
+    assert_close(n.finish(), x.reshape(-1, 520).square().sum(0), reduction_length=120)
+
+
+# ---- the bar: reconstruction error on one layer ----------------------------------------------------------------
+
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None)])
+def test_reconstruction_beats_magnitude(pattern, sparsity):
+    torch.manual_seed(0)
+    layer = nn.Linear(128, 64, bias=False)
+    x = correlated_inputs(2048, 128)
+    errors = {}
+    for name in ("magnitude", "wanda", "sparsegpt"):
+        model = nn.Sequential(nn.Linear(128, 64, bias=False))
+        model[0].weight.data.copy_(layer.weight)
+        if name == "magnitude":
+            if pattern == "2:4":
+                prune.nm_structured(model[0], "weight", 2, 4)
+            else:
+                prune.l1_unstructured(model[0], "weight", amount=sparsity)
+        else:
+            getattr(prune, name)(model, [x[:1024], x[1024:]], sparsity, pattern=pattern)
+        held_pattern(model[0].weight_mask, pattern, sparsity)
+        with torch.no_grad():
+            errors[name] = float((x @ layer.weight.T - model(x)).norm())
+    assert errors["sparsegpt"] <= 0.5 * errors["magnitude"], errors
+    assert errors["wanda"] <= 0.8 * errors["magnitude"], errors
+    assert errors["sparsegpt"] <= errors["wanda"], errors
+
+
+# ---- the driver ------------------------------------------------------------------------------------------------
+
+def test_driver_single_layer_matches_formulas():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(24, 12))
+    w = model[0].weight.detach().clone()
+    x = correlated_inputs(64, 24)
+    prune.wanda(model, [x], 0.5)
+    assert torch.equal(model[0].weight_mask, ref.wanda_mask(w, x.square().sum(0).sqrt(), "unstructured", 0.5))
+    model[0].weight.data.copy_(w)
+    prune.remove(model[0], "weight")
+    prune.sparsegpt(model, [x[:30], x[30:]], 0.5, blocksize=8)
+    want, keep = ref.sparsegpt(w, x.T.double() @ x.double(), "unstructured", 0.5, 8, 0.01)
+    assert torch.equal(model[0].weight_mask, keep)
+    assert_close(model[0].weight.detach(), want.float(), reduction_length=24)
+
+
+def test_driver_is_sequential():
+    """The second layer is pruned on the outputs of the first one as pruned (the papers' sequential order)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+    w0, w1 = model[0].weight.detach().clone(), model[2].weight.detach().clone()
+    x = correlated_inputs(40, 16)
+    prune.wanda(model, [x], 0.5)
+    keep0 = ref.wanda_mask(w0, x.square().sum(0).sqrt(), "unstructured", 0.5)
+    assert torch.equal(model[0].weight_mask, keep0)
+    h = torch.relu(x @ (w0 * keep0).T + model[0].bias.detach())
+    assert torch.equal(model[2].weight_mask, ref.wanda_mask(w1, h.square().sum(0).sqrt(), "unstructured", 0.5))
+
+
+def _tiny(kind):
+    from nnopt.demo import lm
+
+    return lm.build(kind, d_model=32, n_layers=2, n_heads=4, seq_len=16)
+
+
+def _calibration(n=3, batch=2, seq=16, dicts=False):
+    g = torch.Generator().manual_seed(1)
+    ids = [torch.randint(0, 256, (batch, seq), generator=g) for _ in range(n)]
+    return [{"input_ids": i, "attention_mask": torch.ones_like(i)} for i in ids] if dicts else ids
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama"])
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("pattern,sparsity", [("unstructured", 0.5), ("2:4", None), ((8, 8), 0.5)])
+def test_transformers_end_to_end(kind, method, pattern, sparsity):
+    pytest.importorskip("transformers")
+    from nnopt.layers import is_conv1d, linear_modules
+
+    model = _tiny(kind)
+    shapes = {k: v.shape for k, v in model.state_dict().items()}
+    embedding = model.get_input_embeddings().weight.detach().clone()
+    result = getattr(prune, method)(model, _calibration(dicts=kind == "llama"), sparsity, pattern=pattern)
+    blocks = "transformer.h." if kind == "gpt2" else "model.layers."
+    pruned = [n for n, _ in linear_modules(model) if n.startswith(blocks)]
+    assert sorted(result) == sorted(pruned) and len(pruned) == (8 if kind == "gpt2" else 14)
+    for name, module in linear_modules(model):
+        if name in result:
+            keep = module.weight_mask.t() if is_conv1d(module) else module.weight_mask
+            held_pattern(keep, pattern, sparsity)  # along the input dimension, Conv1D included
+            assert (module.weight[~module.weight_mask] == 0).all()
+        else:
+            assert not hasattr(module, "weight_mask")
+    assert torch.equal(model.get_input_embeddings().weight, embedding)  # embeddings and the tied lm_head skipped
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight or kind == "llama"
+    state = {k: v.shape for k, v in model.state_dict().items() if not k.endswith("weight_mask")}
+    assert state == shapes  # structure untouched
+    model.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=3, do_sample=False)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ids = torch.randint(0, 256, (2, 16))
+    for _ in range(2):
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+        opt.zero_grad()
+    for name in result:
+        m = model.get_submodule(name)
+        assert (m.weight[~m.weight_mask] == 0).all()
+
+
+def test_dict_sparsity_and_layer_filter():
+    pytest.importorskip("transformers")
+    model = _tiny("llama")
+    result = prune.wanda(model, _calibration(), {"*.mlp.*": 0.75, "*.q_proj": 0.5}, layers="model.layers.1.*")
+    assert all(n.startswith("model.layers.1.") for n in result)
+    assert {n.rsplit(".", 1)[-1]: v for n, v in result.items()} == {
+        "q_proj": 0.5, "gate_proj": 0.75, "up_proj": 0.75, "down_proj": 0.75}
+
+
+# ---- bad input: a clear error, the model unchanged -------------------------------------------------------------
+
+def _snapshot(model):
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _unchanged(model, snap):
+    state = model.state_dict()
+    assert state.keys() == snap.keys()
+    assert all(torch.equal(state[k], snap[k]) for k in snap)
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"calibration": []}, ValueError, "calibration is empty"),
+    ({"sparsity": 1.0}, ValueError, "sparsity=1.0 must be in"),
+    ({"sparsity": -0.1}, ValueError, "sparsity=-0.1"),
+    ({"sparsity": "half"}, TypeError, "sparsity must be a float"),
+    ({"sparsity": None, "pattern": "5:4"}, ValueError, "N=5 must be <= M=4"),
+    ({"sparsity": None, "pattern": "2:5"}, ValueError, "M=5 to divide the 32 input features of layer"),
+    ({"pattern": (5, 8)}, ValueError, "blocks that divide layer"),
+    ({"pattern": "2-4"}, ValueError, "pattern='2-4'"),
+    ({"layers": "nothing.*"}, ValueError, "no layer of GPT2LMHeadModel matches"),
+    ({"calibration": [torch.randn(2, 16)]}, ValueError, r"calibration\[0\]: GPT2LMHeadModel rejected it"),
+    ({"calibration": [torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 99))]}, ValueError,
+     r"calibration\[1\]"),
+    ({"calibration": ["text"]}, TypeError, r"calibration\[0\] must be a tensor"),
+])
+def test_bad_input_leaves_model_unchanged(method, kwargs, error, match):
+    pytest.importorskip("transformers")
+    model = _tiny("gpt2")
+    snap = _snapshot(model)
+    args = {"calibration": _calibration(), "sparsity": 0.5} | kwargs
+    with pytest.raises(error, match=match):
+        getattr(prune, method)(model, **args)
+    _unchanged(model, snap)
+    assert not prune.is_pruned(model)
+
+
+def test_failure_midway_restores(monkeypatch):
+    pytest.importorskip("transformers")
+    import importlib
+
+    sg = importlib.import_module("nnopt.prune.sparsegpt")  # the module (nnopt.prune.sparsegpt is the function)
+
+    model = _tiny("llama")
+    prune.l1_unstructured(model.model.layers[0].self_attn.q_proj, "weight", amount=0.25)
+    snap = _snapshot(model)
+    calls = []
+    real = sg.sparsegpt_prune
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 9:  # in the second block
+            raise RuntimeError("boom")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(sg, "sparsegpt_prune", flaky)
+    with pytest.raises(RuntimeError, match="boom"):
+        prune.sparsegpt(model, _calibration(), 0.5)
+    _unchanged(model, snap)
+    pruned = [n for n, m in model.named_modules() if hasattr(m, "weight_mask")]
+    assert pruned == ["model.layers.0.self_attn.q_proj"]
+
+
+def test_not_positive_definite_names_the_layer():
+    h = -torch.eye(8)
+    with pytest.raises(RuntimeError, match="layer 'blk.fc'.*percdamp"):
+        inverse_hessian_factor(h, 0.01, "blk.fc")
