@@ -4,6 +4,11 @@ The weight follows nnopt.prune's mask contract: it holds exact zeros at masked e
 ``weight_mask`` (True = kept) sits beside it and is the weight's mask in nnopt.sparsity, so nnopt optimizers keep
 the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
 state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
+
+Inference at decode shapes (at most dispatch.DECODE_ROWS rows, no gradient needed, CPU) takes a short path: the
+layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed) and
+repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call is
+then one op call. The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
 """
 
 import torch
@@ -79,6 +84,7 @@ class MaskedLinear(torch.nn.Linear):
                              f"{tuple(self.weight.shape)}")
         _contract.apply_mask(self, "weight", mask.contiguous())
         self._plan = None
+        self._decode_plan = None
         self._mask_version = self.weight_mask._version
         return self
 
@@ -100,21 +106,64 @@ class MaskedLinear(torch.nn.Linear):
             with torch.no_grad():
                 sparsity.zero_pruned_(self.weight, mask)
             self._mask_version = mask._version
+        if x.device.type == "cpu" and x.dim() and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            y = self._decode(x)
+            if y is not None:
+                return y
         xc, weight, bias = functional.autocast_operands(x, self.weight, self.bias)
         layout = dispatch.cached_layout(mask, *self.block_size)
         m = xc.numel() // max(1, xc.shape[-1]) if xc.dim() else 0
         impl = dispatch.choose(layout, m, weight, self.backend, True,
                                grad_needed=functional.needs_grad(xc, weight, bias))
-        self._plan = (layout, impl)
+        # torch.compile replays this plan: the decode path's cache is host bookkeeping, so it replays the kernels
+        self._plan = (layout, impl if impl is not dispatch.DECODE else dispatch.backends.implementation(
+            dispatch.FAMILY, "cpu"))
         return functional.masked_linear(xc, weight, mask, bias, self.backend, layout=layout, weight_is_masked=True,
                                         impl=impl)
 
+    def _decode(self, x):
+        """y for an inference call of at most DECODE_ROWS rows on the packed panels, or None when this call is not
+        one (more rows, a forced non-CPU backend, or auto predicting dense to be faster)."""
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if not 0 < m <= dispatch.DECODE_ROWS or self.backend not in ("auto", "cpu") or not x.is_floating_point():
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        w, b = self.weight, self.bias
+        key = (self.weight_mask._version, w._version, w.data_ptr(), dtype, self.backend,
+               None if b is None else (b._version, b.data_ptr()))
+        plan = self._decode_plan
+        if plan is None or plan[0] != key:
+            plan = (key, self._decode_runner(dtype, x))
+            self._decode_plan = plan
+        run = plan[1]
+        if run is None:
+            return None
+        x2 = x.reshape(m, k)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        return run(x2.contiguous()).view(*x.shape[:-1], self.out_features)
+
+    def _decode_runner(self, dtype, x):
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled("cpu"):
+            return None  # a dtype mismatch: the checked path raises the error
+        if self.weight.dtype == torch.float64 and dtype != torch.float64 or x.shape[-1] != self.in_features:
+            return None
+        layout = dispatch.cached_layout(self.weight_mask, *self.block_size)
+        if dispatch.backends.resolve(dispatch.FAMILY, self.backend, "cpu") != "cpu":
+            return None
+        if self.backend == "auto" and not dispatch.decode_pays(layout, dtype):
+            return None
+        return dispatch.packed_runner(self.weight, self.weight_mask, self.bias, layout, dtype)
+
     def __getstate__(self):
         state = super().__getstate__()
-        return dict(state, _plan=None)  # host bookkeeping (closures): rebuilt by the next call
+        return dict(state, _plan=None, _decode_plan=None)  # host bookkeeping (closures): rebuilt by the next call
 
     def _apply(self, fn, *args, **kwargs):
         self._plan = None  # a new device or dtype: choose again
+        self._decode_plan = None
         return super()._apply(fn, *args, **kwargs)
 
     def extra_repr(self):
