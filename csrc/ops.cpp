@@ -67,6 +67,15 @@ TORCH_LIBRARY(nnopt, m) {
   m.def(
       "masked_linear_dw(Tensor dy, Tensor x, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor full, "
       "int block_n, int block_k) -> Tensor");
+  // Decode shapes (few rows of x): the listed tiles of W ⊙ mask packed once into panels (csrc/cpu/masked_gemv.cpp
+  // says their order) in `dtype` (default: weight's; float64 only from float64), then y = x (W ⊙ mask)ᵀ + b
+  // from the panels: x [M, K] and bias [N] of the panels' dtype, out_features = N, the layout's row_ptr/col_idx.
+  m.def(
+      "masked_linear_pack(Tensor weight, Tensor mask, Tensor row_ptr, Tensor col_idx, Tensor full, int block_n, "
+      "int block_k, ScalarType? dtype=None) -> Tensor");
+  m.def(
+      "masked_linear_packed(Tensor x, Tensor packed, Tensor? bias, Tensor row_ptr, Tensor col_idx, "
+      "int out_features, int block_n, int block_k) -> Tensor");
 
   // Fused distillation loss (family: distill_loss; definitions: nnopt/reference/distill_loss.py): returns
   // (loss, d loss / d student) for student and teacher logits [B, V] (contiguous, one dtype, one device) and

@@ -12,7 +12,8 @@ import torch
 OPS = {
     "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
     "select": ("select_histogram",),
-    "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw"),
+    "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_pack",
+                      "masked_linear_packed"),
     "distill_loss": ("distill_loss_fwd",),
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
@@ -58,8 +59,18 @@ def _register_fakes():
             (dy.shape[0], weight.shape[1])))
     torch.library.register_fake("nnopt::masked_linear_dw")(
         lambda dy, x, mask, row_ptr, col_idx, full, block_n, block_k: x.new_empty((dy.shape[1], x.shape[1])))
+    torch.library.register_fake("nnopt::masked_linear_pack")(_masked_linear_pack_fake)
+    torch.library.register_fake("nnopt::masked_linear_packed")(
+        lambda x, packed, bias, row_ptr, col_idx, out_features, block_n, block_k: x.new_empty(
+            (x.shape[0], out_features)))
     # The distillation loss returns (loss: 0-dim or [B] for "none", grad: like student or empty).
     torch.library.register_fake("nnopt::distill_loss_fwd")(_distill_loss_fake)
+
+
+def _masked_linear_pack_fake(weight, mask, row_ptr, col_idx, full, block_n, block_k, dtype=None):
+    # One panel per listed tile: block_n rounded up to 16 by block_k rounded up to 4 (csrc/cpu/masked_gemv.cpp).
+    panel = -(-block_n // 16) * 16 * (-(-block_k // 4) * 4)
+    return weight.new_empty((col_idx.shape[0] * panel,), dtype=dtype or weight.dtype)
 
 
 def _noop(*args, **kwargs):

@@ -18,6 +18,7 @@ import weakref
 import torch
 
 from nnopt import backends, sparsity
+from nnopt.nn import calibrate
 from nnopt.nn.layout import BlockLayout
 
 FAMILY = "masked_linear"
@@ -53,6 +54,60 @@ def cached_layout(mask, block_n=32, block_k=32):
     if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
         _LAYOUTS.popitem(last=False)
     return layout
+
+
+DECODE_ROWS = 16  # rows of x up to which inference runs on the packed (weight-streaming) kernels
+
+
+def packed_runner(weight, mask, bias, layout, dtype):
+    """A function x2 [M, K] (``dtype``) -> y [M, N] = x2 (W ⊙ mask)ᵀ + bias on panels packed now, in ``dtype``
+    (weight and bias converted once, as autocast would per call). CPU only."""
+    from nnopt import _ext
+
+    why = _ext.load()
+    if why is not None:
+        raise backends.BackendUnavailable(f"nnopt backend 'cpu' is unavailable: {why}")
+    ops = torch.ops.nnopt
+    n, _ = layout.shape
+    with torch.no_grad():
+        packed = ops.masked_linear_pack(weight.detach().contiguous(), mask.contiguous(), layout.row_ptr,
+                                        layout.col_idx, layout.full, layout.block_n, layout.block_k, dtype)
+        b = bias.detach().to(dtype).contiguous() if bias is not None else None
+    op = ops.masked_linear_packed.default
+    row_ptr, col_idx, bn, bk = layout.row_ptr, layout.col_idx, layout.block_n, layout.block_k
+    return lambda x2: op(x2, packed, b, row_ptr, col_idx, n, bn, bk)
+
+
+def decode_pays(layout, dtype, device_type="cpu"):
+    """Whether auto takes the packed kernels for this layer at decode shapes (the calibrated cost model)."""
+    if device_type != "cpu" or layout.density == 1.0:
+        return False
+    if layout.nnzb == 0:
+        return True
+    return calibrate.predicted_speedup("packed", device_type, dtype, layout) >= MARGIN
+
+
+class _Decode:
+    """Inference at decode shapes on CPU through packed_runner, the panels cached per weight, mask, bias and dtype
+    (and their versions): the functional form's path (MaskedLinear keeps its own cache on the module)."""
+
+    def __init__(self):
+        self._cache = collections.OrderedDict()  # id(weight) -> (weakref to weight, key, runner)
+
+    def masked_linear(self, x, weight, mask, bias, layout):
+        key = (id(mask), mask._version, weight._version, weight.data_ptr(), x.dtype, layout,
+               None if bias is None else (id(bias), bias._version))
+        hit = self._cache.get(id(weight))
+        if hit is None or hit[0]() is not weight or hit[1] != key:
+            hit = (weakref.ref(weight), key, packed_runner(weight, mask, bias, layout, x.dtype))
+            self._cache[id(weight)] = hit
+            if len(self._cache) > _LAYOUT_CACHE_SIZE:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(id(weight))
+        return hit[2](x.contiguous())
+
+
+DECODE = _Decode()
 
 
 def predicted_speedup(layout, m, device_type):
@@ -127,14 +182,19 @@ def choose(layout, m, weight, backend, weight_is_masked=False, grad_needed=True)
     ``grad_needed``: whether the call builds an autograd node (the 2:4 path is inference only)."""
     name = backends.requested(backend)
     device = weight.device
+    decode = not grad_needed and device.type == "cpu" and 0 < m <= DECODE_ROWS
     if name != "auto":
         name = backends.resolve(FAMILY, name, device)  # raises, saying what is missing, when it cannot run
+        if name == "cpu" and decode:
+            return DECODE
         return _dense(weight_is_masked) if name == "torch" else backends.implementation(FAMILY, name)
     if _semi_structured_ok(layout, m, weight, grad_needed):
         return SEMI_STRUCTURED
     sparse = backends.resolve(FAMILY, "auto", device)
     if sparse == "torch" or layout.density == 1.0 or weight.dtype == torch.float64 and sparse == "triton":
         return _dense(weight_is_masked or layout.density == 1.0)
+    if decode and sparse == "cpu":
+        return DECODE if decode_pays(layout, weight.dtype) else _dense(weight_is_masked)
     if layout.nnzb == 0 or predicted_speedup(layout, m, device.type) >= MARGIN:
         return backends.implementation(FAMILY, sparse)
     return _dense(weight_is_masked)

@@ -112,7 +112,9 @@ def apply(x, weight, mask, bias, layout, impl):
     if impl is dispatch.DENSE_MASKED and layout.density == 1.0:
         return torch.nn.functional.linear(x, weight, bias)  # nothing masked: torch's own layer, autograd included
     x2 = x.reshape(math.prod(x.shape[:-1]), x.shape[-1]).contiguous()  # (-1 is ambiguous when K == 0)
-    weight, mask = weight.contiguous(), mask.contiguous()
+    mask = mask.contiguous()
+    if impl is not dispatch.DENSE_MASKED:  # dense products take a transposed view (Conv1D's weight) as it is
+        weight = weight.contiguous()
     if needs_grad(x, weight, bias):
         y = _MaskedLinearFn.apply(x2, weight, bias, mask, layout, impl)
     else:  # inference: no autograd node to build

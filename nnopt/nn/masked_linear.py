@@ -1,84 +1,55 @@
-"""MaskedLinear: an nn.Linear whose weight carries a mask, computed on block-sparse kernels where that pays.
+"""MaskedLinear (and MaskedConv1D, nnopt/nn/masked_conv1d.py): an nn.Linear whose weight carries a mask, computed on block-sparse kernels where that pays.
 
 The weight follows nnopt.prune's mask contract: it holds exact zeros at masked entries, the bool buffer
 ``weight_mask`` (True = kept) sits beside it and is the weight's mask in nnopt.sparsity, so nnopt optimizers keep
 the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
 state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
+
+Inference at decode shapes (at most dispatch.DECODE_ROWS rows, no gradient needed, CPU) takes a short path: the
+layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed) and
+repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call is
+then one op call. The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
 """
 
 import torch
 
-from nnopt import sparsity
+from nnopt import layers, sparsity
 from nnopt.nn import dispatch, functional
 from nnopt.prune import _contract
 
 
-class MaskedLinear(torch.nn.Linear):
-    """``y = x (W ⊙ mask)ᵀ + b`` for x [..., in_features]; a drop-in nn.Linear (same parameters and state_dict keys,
-    plus the ``weight_mask`` buffer [out_features, in_features], bool).
-
-    ``block_size`` (block_n, block_k) tiles the mask for the block-sparse kernels; ``backend`` as in
-    nnopt.nn.functional.masked_linear (default "auto": dense where sparsity does not pay).
-    """
+class MaskedLayerMixin:
+    """What MaskedLinear and MaskedConv1D share: the mask, the forward on the kernels, the decode path. A subclass
+    says how its weight and mask read as [out_features, in_features] (``_weight_nk``, ``_mask_nk``)."""
 
     _nnopt_masks_own_grad = True  # nnopt.prune's contract: backward already zeroes dW at masked entries
 
-    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, mask=None,
-                 block_size=(32, 32), backend="auto"):
-        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+    def _init_masking(self, mask, block_size, backend):
         self.block_size = tuple(block_size)
         self.backend = backend
+        self._plan = None
         self.set_mask(mask)
 
-    @classmethod
-    def from_linear(cls, linear, mask=None, **kwargs):
-        """A MaskedLinear sharing ``linear``'s parameters (the same tensors) and masked by ``mask`` (default: the
-        mask ``linear.weight`` already carries under nnopt.prune, which the new layer takes over, else all True)."""
-        if not isinstance(linear, torch.nn.Linear):
-            raise TypeError(f"from_linear: expected an nn.Linear, got {type(linear).__name__}")
-        if "weight_mask" in linear._buffers and "weight" in _contract.pruned_names(linear):
-            # The new layer takes over the pruning: its backward masks dW itself, so the Linear's gradient hook
-            # (which would keep masking with the old mask, even after set_mask regrows entries) goes.
-            mask = linear._buffers["weight_mask"] if mask is None else mask
-            _contract.remove_mask(linear, "weight")
-        layer = cls.__new__(cls)
-        torch.nn.Module.__init__(layer)
-        layer.in_features, layer.out_features = linear.in_features, linear.out_features
-        layer.weight = linear.weight
-        layer.bias = linear.bias
-        layer.block_size = tuple(kwargs.pop("block_size", (32, 32)))
-        layer.backend = kwargs.pop("backend", "auto")
-        if kwargs:
-            raise TypeError(f"from_linear: unexpected arguments {sorted(kwargs)}")
-        layer._plan = None
-        layer.set_mask(mask)
-        layer.train(linear.training)
-        return layer
+    def _weight_nk(self):
+        return self.weight
 
-    def to_linear(self):
-        """A plain nn.Linear sharing this layer's parameters; its weight keeps the zeros and, under nnopt.prune's
-        contract, the mask (so pruning stays in force there)."""
-        linear = torch.nn.Linear.__new__(torch.nn.Linear)
-        torch.nn.Module.__init__(linear)
-        linear.in_features, linear.out_features = self.in_features, self.out_features
-        linear.weight, linear.bias = self.weight, self.bias
-        linear.train(self.training)
-        if not bool(self.weight_mask.all()):
-            _contract.apply_mask(linear, "weight", self.weight_mask)
-        return linear
+    def _mask_nk(self):
+        return self.weight_mask
+
+    def _out_features(self):
+        return self.out_features
+
+    def _in_features(self):
+        return self.in_features
 
     def set_mask(self, mask=None):
-        """Sets the mask (bool [out_features, in_features]; None = all True) and zeroes the masked weights."""
+        """Sets the mask (bool, the weight's shape; None = all True) and zeroes the masked weights."""
         if mask is None:
             mask = torch.ones_like(self.weight, dtype=torch.bool)
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
-            raise TypeError(f"MaskedLinear: mask must be a bool tensor, got {got}")
-        if mask.shape != self.weight.shape:
-            raise ValueError(f"MaskedLinear: mask has shape {tuple(mask.shape)}, weight has shape "
-                             f"{tuple(self.weight.shape)}")
+        check_mask(self, mask)
         _contract.apply_mask(self, "weight", mask.contiguous())
         self._plan = None
+        self._decode_plan = None
         self._mask_version = self.weight_mask._version
         return self
 
@@ -92,7 +63,7 @@ class MaskedLinear(torch.nn.Linear):
             # Under torch.compile: the layout and implementation the last eager call chose (the registry and the
             # layout cache are host bookkeeping, not traceable); the products are registered ops with fakes.
             layout, impl = self._plan
-            return functional.apply(x, self.weight, self.weight_mask, self.bias, layout, impl)
+            return functional.apply(x, self._weight_nk(), self._mask_nk(), self.bias, layout, impl)
         mask = self.weight_mask
         if mask._version != self._mask_version:
             # The mask was edited in place (weight_mask[i, j] = False): re-zero the weight so the contract holds
@@ -100,28 +71,156 @@ class MaskedLinear(torch.nn.Linear):
             with torch.no_grad():
                 sparsity.zero_pruned_(self.weight, mask)
             self._mask_version = mask._version
-        xc, weight, bias = functional.autocast_operands(x, self.weight, self.bias)
-        layout = dispatch.cached_layout(mask, *self.block_size)
+        if x.device.type == "cpu" and x.dim() and not (torch.is_grad_enabled() and (
+                x.requires_grad or self.weight.requires_grad or (self.bias is not None and self.bias.requires_grad))):
+            y = self._decode(x)
+            if y is not None:
+                return y
+        mask_nk = self._mask_nk()
+        xc, weight, bias = functional.autocast_operands(x, self._weight_nk(), self.bias)
+        layout = dispatch.cached_layout(mask_nk, *self.block_size)
         m = xc.numel() // max(1, xc.shape[-1]) if xc.dim() else 0
         impl = dispatch.choose(layout, m, weight, self.backend, True,
                                grad_needed=functional.needs_grad(xc, weight, bias))
-        self._plan = (layout, impl)
-        return functional.masked_linear(xc, weight, mask, bias, self.backend, layout=layout, weight_is_masked=True,
-                                        impl=impl)
+        # torch.compile replays this plan: the decode path's cache is host bookkeeping, so it replays the kernels
+        self._plan = (layout, impl if impl is not dispatch.DECODE else dispatch.backends.implementation(
+            dispatch.FAMILY, "cpu"))
+        return functional.masked_linear(xc, weight, mask_nk, bias, self.backend, layout=layout,
+                                        weight_is_masked=True, impl=impl)
+
+    def _decode(self, x):
+        """y for an inference call of at most DECODE_ROWS rows on the packed panels, or None when this call is not
+        one (more rows, a forced non-CPU backend, or auto predicting dense to be faster)."""
+        k = x.shape[-1]
+        m = x.numel() // k if k else 0
+        if not 0 < m <= dispatch.DECODE_ROWS or self.backend not in ("auto", "cpu") or not x.is_floating_point():
+            return None
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        w, b = self.weight, self.bias
+        key = (self.weight_mask._version, w._version, w.data_ptr(), dtype, self.backend,
+               None if b is None else (b._version, b.data_ptr()))
+        plan = self._decode_plan
+        if plan is None or plan[0] != key:
+            plan = (key, self._decode_runner(dtype, x))
+            self._decode_plan = plan
+        run = plan[1]
+        if run is None:
+            return None
+        x2 = x.reshape(m, k)
+        if x2.dtype != dtype:
+            x2 = x2.to(dtype)
+        return run(x2.contiguous()).view(*x.shape[:-1], self._out_features())
+
+    def _decode_runner(self, dtype, x):
+        if x.dtype != self.weight.dtype and not torch.is_autocast_enabled("cpu"):
+            return None  # a dtype mismatch: the checked path raises the error
+        if self.weight.dtype == torch.float64 and dtype != torch.float64 or x.shape[-1] != self._in_features():
+            return None
+        if self.weight.device.type != "cpu":
+            return None
+        mask = self._mask_nk()
+        layout = dispatch.cached_layout(mask, *self.block_size)
+        if dispatch.backends.resolve(dispatch.FAMILY, self.backend, "cpu") != "cpu":
+            return None
+        if self.backend == "auto" and not dispatch.decode_pays(layout, dtype):
+            return None
+        return dispatch.packed_runner(self._weight_nk(), mask, self.bias, layout, dtype)
 
     def __getstate__(self):
         state = super().__getstate__()
-        return dict(state, _plan=None)  # host bookkeeping (closures): rebuilt by the next call
+        return dict(state, _plan=None, _decode_plan=None)  # host bookkeeping (closures): rebuilt by the next call
 
     def _apply(self, fn, *args, **kwargs):
         self._plan = None  # a new device or dtype: choose again
+        self._decode_plan = None
         return super()._apply(fn, *args, **kwargs)
+
+
+def check_mask(layer, mask):
+    """The errors for a bad mask, naming the layer: a bool tensor of the weight's shape on the weight's device."""
+    weight = layer.weight
+    what = f"{type(layer).__name__} with weight {list(weight.shape)}"
+    if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
+        got = mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__
+        raise TypeError(f"{type(layer).__name__}: mask must be a bool tensor, got {got} (layer {what})")
+    if mask.shape != weight.shape:
+        raise ValueError(f"{type(layer).__name__}: mask has shape {tuple(mask.shape)}, weight has shape "
+                         f"{tuple(weight.shape)} (layer {what})")
+    if mask.device != weight.device:
+        raise ValueError(f"{type(layer).__name__}: mask is on {mask.device}, weight on {weight.device} "
+                         f"(layer {what})")
+
+
+class MaskedLinear(MaskedLayerMixin, torch.nn.Linear):
+    """``y = x (W ⊙ mask)ᵀ + b`` for x [..., in_features]; a drop-in nn.Linear (same parameters and state_dict keys,
+    plus the ``weight_mask`` buffer [out_features, in_features], bool).
+
+    ``block_size`` (block_n, block_k) tiles the mask for the block-sparse kernels; ``backend`` as in
+    nnopt.nn.functional.masked_linear (default "auto": dense where sparsity does not pay).
+    """
+
+    def __init__(self, in_features, out_features, bias=True, device=None, dtype=None, *, mask=None,
+                 block_size=(32, 32), backend="auto"):
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self._init_masking(mask, block_size, backend)
+
+    @classmethod
+    def from_linear(cls, linear, mask=None, **kwargs):
+        """A MaskedLinear sharing ``linear``'s parameters (the same tensors) and masked by ``mask`` (default: the
+        mask ``linear.weight`` already carries under nnopt.prune, which the new layer takes over, else all True)."""
+        if not isinstance(linear, torch.nn.Linear):
+            raise TypeError(f"from_linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        torch.nn.Module.__init__(layer)
+        layer.in_features, layer.out_features = linear.in_features, linear.out_features
+        return _take_over(layer, linear, mask, kwargs)
+
+    def to_linear(self):
+        """A plain nn.Linear sharing this layer's parameters; its weight keeps the zeros and, under nnopt.prune's
+        contract, the mask (so pruning stays in force there)."""
+        linear = torch.nn.Linear.__new__(torch.nn.Linear)
+        torch.nn.Module.__init__(linear)
+        linear.in_features, linear.out_features = self.in_features, self.out_features
+        return _hand_back(self, linear)
+
+    def to_plain(self):
+        """The layer convert replaced: ``to_linear()``."""
+        return self.to_linear()
 
     def extra_repr(self):
         return f"{super().extra_repr()}, sparsity={self.sparsity:.3f}, block_size={self.block_size}"
 
 
-def _matches(name, module, include, exclude):
+def _take_over(layer, source, mask, kwargs):
+    """Gives ``layer`` (a fresh MaskedLinear/MaskedConv1D) the parameters of ``source`` and its mask."""
+    block_size = tuple(kwargs.pop("block_size", (32, 32)))
+    backend = kwargs.pop("backend", "auto")
+    if kwargs:
+        raise TypeError(f"from_linear: unexpected arguments {sorted(kwargs)}")
+    layer.weight = source.weight
+    layer.bias = source.bias
+    carried = source._buffers.get("weight_mask") if "weight" in _contract.pruned_names(source) else None
+    chosen = carried if mask is None else mask
+    if chosen is not None:
+        check_mask(layer, chosen)  # before anything changes: a bad mask leaves source as it was
+    if carried is not None:
+        # The new layer takes over the pruning: its backward masks dW itself, so the source's gradient hook
+        # (which would keep masking with the old mask, even after set_mask regrows entries) goes.
+        _contract.remove_mask(source, "weight")
+    layer._init_masking(chosen, block_size, backend)
+    layer.train(source.training)
+    return layer
+
+
+def _hand_back(layer, plain):
+    plain.weight, plain.bias = layer.weight, layer.bias
+    plain.train(layer.training)
+    if not bool(layer.weight_mask.all()):
+        _contract.apply_mask(plain, "weight", layer.weight_mask)
+    return plain
+
+
+def _matches(name, include, exclude):
     import fnmatch
 
     if include is not None and not any(fnmatch.fnmatchcase(name, pat) for pat in include):
@@ -129,28 +228,77 @@ def _matches(name, module, include, exclude):
     return not (exclude is not None and any(fnmatch.fnmatchcase(name, pat) for pat in exclude))
 
 
-def convert(model, include=None, exclude=None, types=(torch.nn.Linear,), **kwargs):
-    """Replaces, in place, each ``nn.Linear`` of ``model`` (exact type in ``types``; names filtered by glob
-    patterns ``include``/``exclude``) by a MaskedLinear sharing its parameters and mask. Returns ``model``;
-    ``model`` itself is converted and returned when it is a Linear."""
-    if isinstance(model, MaskedLinear):
+def _convertible(module, types):
+    """Whether ``module`` is one of the layers convert replaces: its exact type in ``types`` (default: nn.Linear
+    and transformers' Conv1D; subclasses such as MultiheadAttention's projection are left alone)."""
+    if isinstance(module, MaskedLayerMixin):
+        return False
+    if types is None:
+        return type(module) is torch.nn.Linear or (layers.is_conv1d(module) and type(module).__name__ == "Conv1D")
+    return type(module) in types
+
+
+def _masked_twin(module, **kwargs):
+    if layers.is_conv1d(module):
+        from nnopt.nn.masked_conv1d import MaskedConv1D
+
+        return MaskedConv1D.from_conv1d(module, **kwargs)
+    return MaskedLinear.from_linear(module, **kwargs)
+
+
+def convert(model, include=None, exclude=None, types=None, **kwargs):
+    """Replaces, in place, each linear layer of ``model`` — ``nn.Linear`` and transformers' ``Conv1D`` (GPT-2), or
+    the exact types in ``types`` — whose qualified name passes the glob patterns ``include``/``exclude``, by a
+    MaskedLinear (MaskedConv1D for Conv1D) sharing its parameters and mask. Returns ``model`` (``model`` itself
+    converted when it is such a layer). ``kwargs``: block_size, backend.
+
+    Raises ValueError when nothing in ``model`` matches, and, naming the layer, when a layer's mask is unusable
+    (not bool, another shape or device); every layer is checked before any is replaced, so on error the model is
+    untouched."""
+    if isinstance(model, MaskedLayerMixin):
         return model
-    if type(model) in types and not isinstance(model, MaskedLinear):
-        return MaskedLinear.from_linear(model, **kwargs)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    unknown = set(kwargs) - {"block_size", "backend"}
+    if unknown:
+        raise TypeError(f"convert: unexpected arguments {sorted(unknown)} (block_size, backend)")
+    if "backend" in kwargs:
+        dispatch.backends.requested(kwargs["backend"])  # raises for an unknown name
+    if _convertible(model, types):
+        _check_carried_mask("<model>", model)
+        return _masked_twin(model, **kwargs)
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
-            if type(child) in types and _matches(full, child, include, exclude):
-                setattr(module, child_name, MaskedLinear.from_linear(child, **kwargs))
+            if _convertible(child, types) and _matches(full, include, exclude):
+                targets.append((module, child_name, full, child))
+    if not targets:
+        raise ValueError(f"convert: {type(model).__name__} has no nn.Linear or transformers Conv1D layer"
+                         + (" matching include/exclude" if include is not None or exclude is not None else "")
+                         + " to convert")
+    for _, _, full, child in targets:
+        _check_carried_mask(full, child)
+    for module, child_name, _, child in targets:
+        setattr(module, child_name, _masked_twin(child, **kwargs))
     return model
 
 
+def _check_carried_mask(name, layer):
+    carried = layer._buffers.get("weight_mask") if "weight" in _contract.pruned_names(layer) else None
+    if carried is None:
+        return
+    try:
+        check_mask(layer, carried)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"convert: layer {name!r}: {e}") from e
+
+
 def unconvert(model):
-    """Replaces, in place, each MaskedLinear of ``model`` by an nn.Linear sharing its parameters (and mask)."""
-    if isinstance(model, MaskedLinear):
-        return model.to_linear()
+    """Replaces, in place, each MaskedLinear (MaskedConv1D) of ``model`` by an nn.Linear (transformers Conv1D)
+    sharing its parameters (and mask): the original classes and state_dict keys."""
+    if isinstance(model, MaskedLayerMixin):
+        return model.to_plain()
     for module in list(model.modules()):
         for child_name, child in list(module.named_children()):
-            if isinstance(child, MaskedLinear):
-                setattr(module, child_name, child.to_linear())
+            if isinstance(child, MaskedLayerMixin):
+                setattr(module, child_name, child.to_plain())
     return model
