@@ -28,12 +28,14 @@ arguments (``_hyper``). Everything else is here, once:
 import math
 import operator
 import sys
+import warnings
 
 import torch
 
 from nnopt import backends, sparsity
 
 FAMILY = "fused_optim"
+_DEVICES = ("cpu", "cuda")  # where nnopt's kernels run
 
 
 def check_nonneg(value, what):
@@ -41,6 +43,35 @@ def check_nonneg(value, what):
     v = value.item() if isinstance(value, torch.Tensor) and value.numel() == 1 else value
     if not isinstance(v, (int, float)) or isinstance(v, bool) or not (v >= 0.0):
         raise ValueError(f"Invalid {what}: {value}")
+
+
+def check_lr(lr, foreach=None, capturable=False, tensor_with_foreach=True):
+    """torch.optim's checks of ``lr``: a non-negative number or one-element tensor. Optimizers whose torch twin
+    rejects a tensor lr with ``foreach=True`` (Adam, AdamW) pass ``tensor_with_foreach=False``: nnopt ignores
+    foreach, but the same arguments must fail the same way."""
+    if isinstance(lr, torch.Tensor):
+        if not tensor_with_foreach and foreach and not capturable:
+            raise ValueError("lr as a Tensor is not supported for capturable=False and foreach=True")
+        if lr.numel() != 1:
+            raise ValueError("Tensor lr must be 1-element")
+    check_nonneg(lr, "learning rate")
+
+
+def check_betas(betas, foreach=None, capturable=False):
+    """torch.optim.Adam's checks of ``betas``: each in [0, 1), both floats or both one-element tensors (a tensor
+    not with ``foreach=True``)."""
+    for i, beta in enumerate(betas):
+        b = beta.item() if isinstance(beta, torch.Tensor) and beta.numel() == 1 else beta
+        if isinstance(b, torch.Tensor) or not 0.0 <= b < 1.0:
+            raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
+    if not (all(isinstance(b, float) for b in betas) or all(isinstance(b, torch.Tensor) for b in betas)):
+        raise ValueError("betas must be either both floats or both Tensors")
+    for i, beta in enumerate(betas):
+        if isinstance(beta, torch.Tensor):
+            if foreach and not capturable:
+                raise ValueError(f"betas[{i}] as a Tensor is not supported for capturable=False and foreach=True")
+            if beta.numel() != 1:
+                raise ValueError(f"Tensor betas[{i}] must be 1-element")
 
 
 def _as_float(value):
@@ -105,7 +136,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 raise TypeError(f"{name}: parameter {i} of param group {gi} has dtype {p.dtype}; "
                                 "only floating-point and complex parameters can be optimized")
         if len({id(p) for p in tensors}) != len(tensors):
-            raise ValueError(f"{name}: param group {gi} holds the same parameter twice")
+            # torch's words (it warns, then updates such a parameter twice); nnopt's step refuses the group
+            warnings.warn("optimizer contains a parameter group with duplicate parameters; in future, this will "
+                          "cause an error; see github.com/pytorch/pytorch/issues/40967 for more information",
+                          stacklevel=3)
         if param_group.get("backend") not in backends.CHOICES + (None,):
             raise ValueError(f"{name}: unknown backend {param_group['backend']!r} in param group {gi}")
         super().add_param_group(param_group)
@@ -254,6 +288,9 @@ class FusedOptimizer(torch.optim.Optimizer):
             objs, config = self._fingerprint(group, has, plan.dtensor)
             if config == plan.config and len(objs) == len(plan.objs) and all(map(operator.is_, objs, plan.objs)):
                 return plan, grads, has, None
+        if len(set(map(id, params))) != len(params):
+            raise ValueError(f"{type(self).__name__}: param group {gi} holds the same parameter twice; torch.optim "
+                             "updates it twice, nnopt's one kernel call per group cannot: remove the duplicate")
         for i, g in enumerate(grads):
             if g is not None:
                 self._validate(gi, i, params[i], g)
@@ -262,6 +299,11 @@ class FusedOptimizer(torch.optim.Optimizer):
     def _validate(self, gi, i, p, g):
         name = type(self).__name__
         where = f"parameter {i} of param group {gi}"
+        if p.device.type not in _DEVICES:
+            # torch's words for its fused path (the test suites match them); meta parameters with gradients included
+            raise RuntimeError(f"{name}: nnopt's step is fused, and `fused=True` requires all the params to be "
+                               f"floating point Tensors of supported devices: {list(_DEVICES)}; {where} is on "
+                               f"{p.device}")
         if g.device != p.device:
             raise ValueError(f"{name}: {where} is on {p.device} but its gradient is on {g.device}")
         dtensor = _dtensor_type()
@@ -288,10 +330,12 @@ class FusedOptimizer(torch.optim.Optimizer):
         master = group["master_weights"]
         for i in idx:
             p = params[i]
-            state = self.state[p]
+            state = self.state.get(p, {})  # no empty entry for a parameter without state (momentum-free SGD)
             self._init_state(p, group, state)
             if master and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
                 state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
+            if state:
+                self.state[p] = state
         sparse = [i for i in idx if grads[i].is_sparse]
         dense = [i for i in idx if not grads[i].is_sparse]
         # (device holding the counts, whether the kernels read them there) -> [storage, counts read now, indices]
@@ -314,7 +358,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         buckets = {}
         for i in dense:
             p = params[i]
-            state = self.state[p]
+            state = self.state.get(p, {})
             where, j = slot.get(i, (None, 0))
             key = (p.device, p.dtype, where, counts[where][1][j] if where is not None else 0.0,
                    sparsity.get_mask(p) is not None, "master_param" in state, self._bucket_extra(group, state))

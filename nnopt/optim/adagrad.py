@@ -2,7 +2,7 @@
 
 import torch
 
-from nnopt.optim._fused import FusedOptimizer, check_nonneg
+from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
 
 
 class Adagrad(FusedOptimizer):
@@ -18,7 +18,7 @@ class Adagrad(FusedOptimizer):
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None,
                  master_weights=False, l1=0.0):
-        check_nonneg(lr, "learning rate")
+        check_lr(lr)
         check_nonneg(lr_decay, "lr_decay value")
         check_nonneg(weight_decay, "weight_decay value")
         check_nonneg(initial_accumulator_value, "initial_accumulator_value value")
@@ -27,12 +27,17 @@ class Adagrad(FusedOptimizer):
                         initial_accumulator_value=initial_accumulator_value, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
                          differentiable=differentiable)
+        for group in self.param_groups:  # as torch.optim.Adagrad: state from the start, for every parameter
+            for p in group["params"]:
+                self._init_state(p, group, self.state[p])
 
     def _init_state(self, p, group, state):
         if "step" not in state:
             state["step"] = torch.tensor(0.0, dtype=torch.float32)
         if "sum" not in state:
-            state["sum"] = torch.full_like(p, group["initial_accumulator_value"], dtype=self._state_dtype(p, group),
+            v = group["initial_accumulator_value"]
+            # torch fills a complex sum with complex(v, v): v in both the real and the imaginary part
+            state["sum"] = torch.full_like(p, complex(v, v) if p.is_complex() else v, dtype=self._state_dtype(p, group),
                                            memory_format=torch.preserve_format)
 
     def _state_lists(self, group):

@@ -2,7 +2,7 @@
 
 import torch
 
-from nnopt.optim._fused import FusedOptimizer, _as_float, bias_corrections, check_nonneg
+from nnopt.optim._fused import FusedOptimizer, _as_float, bias_corrections, check_betas, check_lr, check_nonneg
 
 
 class Adam(FusedOptimizer):
@@ -19,13 +19,10 @@ class Adam(FusedOptimizer):
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
                  decoupled_weight_decay=False, backend=None, master_weights=False, l1=0.0):
-        check_nonneg(lr, "learning rate")
+        check_lr(lr, foreach, capturable, tensor_with_foreach=False)
         check_nonneg(eps, "epsilon value")
-        for i, beta in enumerate(betas):
-            b = _as_float(beta)
-            if not 0.0 <= b < 1.0:
-                raise ValueError(f"Invalid beta parameter at index {i}: {beta}")
         check_nonneg(weight_decay, "weight_decay value")
+        check_betas(betas, foreach, capturable)
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,

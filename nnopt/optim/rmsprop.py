@@ -2,7 +2,7 @@
 
 import torch
 
-from nnopt.optim._fused import FusedOptimizer, check_nonneg
+from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
 
 
 class RMSprop(FusedOptimizer):
@@ -17,7 +17,7 @@ class RMSprop(FusedOptimizer):
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,
                  master_weights=False, l1=0.0):
-        check_nonneg(lr, "learning rate")
+        check_lr(lr)
         check_nonneg(eps, "epsilon value")
         check_nonneg(momentum, "momentum value")
         check_nonneg(weight_decay, "weight_decay value")

@@ -2,7 +2,7 @@
 
 import torch
 
-from nnopt.optim._fused import FusedOptimizer, check_nonneg
+from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
 
 
 class SGD(FusedOptimizer):
@@ -20,7 +20,7 @@ class SGD(FusedOptimizer):
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend=None,
                  master_weights=False, l1=0.0):
-        check_nonneg(lr, "learning rate")
+        check_lr(lr)
         check_nonneg(momentum, "momentum value")
         check_nonneg(weight_decay, "weight_decay value")
         if nesterov and (momentum <= 0 or dampening != 0):

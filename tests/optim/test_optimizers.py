@@ -630,10 +630,7 @@ def test_rejected_param_group_is_not_added():
     opt = nno.SGD([torch.nn.Parameter(torch.randn(2))], lr=0.1)
     with pytest.raises(TypeError, match="dtype torch.int64"):
         opt.add_param_group({"params": [torch.zeros(2, dtype=torch.long)]})
-    p = torch.nn.Parameter(torch.randn(2))
-    with pytest.raises(ValueError, match="same parameter twice"):
-        opt.add_param_group({"params": [p, p]})
-    assert len(opt.param_groups) == 1
+    assert len(opt.param_groups) == 1  # (duplicates warn, as in torch: tests/optim/test_step_edge_cases.py)
 
 
 def test_torch_checkpoint_keeps_nnopt_options():
