@@ -10,7 +10,8 @@ import torch
 
 # Every op's name in the `nnopt` library, by family; the schemas live in csrc/ops.cpp.
 OPS = {
-    "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
+    "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step", "nadam_step", "radam_step", "adamax_step",
+                    "lion_step"),
     "select": ("select_histogram",),
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw"),
     "distill_loss": ("distill_loss_fwd",),

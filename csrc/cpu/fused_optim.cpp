@@ -174,6 +174,44 @@ struct RmspropOp {
   }
 };
 
+
+// Two-state optimizers (NAdam, RAdam, Adamax: m and v/u) and Lion (m only); no a/b flags.
+#define NNOPT_TWO_STATE_OP(NAME, SCALARS, MAXWD, FN)                                                      \
+  struct NAME {                                                                                           \
+    template <typename T>                                                                                 \
+    using Scalars = SCALARS<T>;                                                                           \
+    static constexpr int kMaxWd = MAXWD;                                                                  \
+    static constexpr bool kUsesA = false, kUsesB = false;                                                 \
+    template <typename F>                                                                                 \
+    static constexpr bool uses(int k) {                                                                   \
+      return k < 2;                                                                                       \
+    }                                                                                                     \
+    template <typename T, typename F>                                                                     \
+    static inline void update(T& p, T g, T& s0, T& s1, T&, bool keep, const Scalars<T>& h, const F& f) { \
+      FN(p, g, s0, s1, keep, h, f);                                                                       \
+    }                                                                                                     \
+  };
+
+NNOPT_TWO_STATE_OP(NadamOp, NadamScalars, 2, nadam_update)
+NNOPT_TWO_STATE_OP(RadamOp, RadamScalars, 2, radam_update)
+NNOPT_TWO_STATE_OP(AdamaxOp, AdamaxScalars, 1, adamax_update)
+#undef NNOPT_TWO_STATE_OP
+
+struct LionOp {
+  template <typename T>
+  using Scalars = LionScalars<T>;
+  static constexpr int kMaxWd = 1;
+  static constexpr bool kUsesA = false, kUsesB = false;
+  template <typename F>
+  static constexpr bool uses(int k) {
+    return k == 0;
+  }
+  template <typename T, typename F>
+  static inline void update(T& p, T g, T& s0, T&, T&, bool keep, const Scalars<T>& h, const F& f) {
+    lion_update(p, g, s0, keep, h, f);
+  }
+};
+
 // ---------------------------------------------------------------------------------------------------------
 // The inner loop over n elements in the compute type, updated in place. Unused state pointers are null and
 // never touched (the flags decide at compile time).
@@ -485,6 +523,92 @@ void rmsprop_step_cpu(TensorList params, TensorList grads, TensorList square_avg
   run_all(ctx, tensors, !masters.empty());
 }
 
+template <typename T>
+NadamScalars<T> make_scalars(const NadamArgs& a) { return make_nadam<T>(a.lr, a); }
+template <typename T>
+RadamScalars<T> make_scalars(const RadamArgs& a) { return make_radam<T>(a.lr, a); }
+template <typename T>
+AdamaxScalars<T> make_scalars(const AdamaxArgs& a) { return make_adamax<T>(a.lr, a); }
+template <typename T>
+LionScalars<T> make_scalars(const LionArgs& a) { return make_lion<T>(a.lr, a); }
+
+// The optimizers of optim_math.h's second part: one template for the validation, scalars and launch.
+template <typename Op, typename Args>
+void run_op(const char* op, TensorList params, std::vector<TensorPtrs>& tensors, TensorList masters,
+            TensorList masks, Args a, int wd, const std::optional<Tensor>& lr_tensor,
+            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+            const std::optional<Tensor>& step, const std::optional<Tensor>& aux = std::nullopt) {
+  double scale;
+  if (!read_scalars(op, params, lr_tensor, grad_scale, found_inf, a.lr, scale)) return;
+  a.grad_scale = scale;
+  if (aux.has_value() && !params.empty()) {
+    check_scalar_tensor(op, "mu_product_tensor", aux, params[0].device());
+    set_aux(a, aux->item<double>());
+  }
+  read_step(op, params, step, a);
+  Context<Op> ctx;
+  ctx.hf = make_scalars<float>(a);
+  ctx.hd = make_scalars<double>(a);
+  ctx.ff = select_math<Op, float>(!masks.empty(), wd, false, false);
+  ctx.fd = select_math<Op, double>(!masks.empty(), wd, false, false);
+  run_all(ctx, tensors, !masters.empty());
+}
+
+void nadam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool maximize, double l1, double momentum_decay,
+                    double bias_correction2, double mu, double mu_next, double mu_product,
+                    const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step,
+                    const std::optional<Tensor>& mu_product_tensor) {
+  const char* op = "nadam_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  const NadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, momentum_decay, bias_correction2, mu, mu_next,
+                    mu_product, 1.0, maximize};
+  run_op<NadamOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? (decoupled ? 2 : 1) : 0, lr_tensor,
+                  grad_scale, found_inf, step, mu_product_tensor);
+}
+
+void radam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool maximize, double l1, double bias_correction1,
+                    double bias_correction2_sqrt, double rect, const std::optional<Tensor>& lr_tensor,
+                    const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                    const std::optional<Tensor>& step) {
+  const char* op = "radam_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  const RadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, rect, 1.0,
+                    maximize};
+  run_op<RadamOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? (decoupled ? 2 : 1) : 0, lr_tensor,
+                  grad_scale, found_inf, step);
+}
+
+void adamax_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_infs,
+                     TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, bool maximize, double l1, double bias_correction1,
+                     const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                     const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
+  const char* op = "adamax_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_infs", exp_infs, true}});
+  const AdamaxArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, 1.0, maximize};
+  run_op<AdamaxOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? 1 : 0, lr_tensor, grad_scale,
+                   found_inf, step);
+}
+
+void lion_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList masters, TensorList masks,
+                   double lr, double beta1, double beta2, double weight_decay, bool maximize, double l1,
+                   const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf) {
+  const char* op = "lion_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks, {{"exp_avgs", exp_avgs, true}});
+  const LionArgs a{lr, beta1, beta2, weight_decay, l1, 1.0, maximize};
+  run_op<LionOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? 1 : 0, lr_tensor, grad_scale,
+                 found_inf, std::nullopt);
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -493,6 +617,10 @@ TORCH_LIBRARY_IMPL(nnopt, CPU, m) {
   m.impl("adam_step_", &nnopt::adam_step_cpu);
   m.impl("adagrad_step_", &nnopt::adagrad_step_cpu);
   m.impl("rmsprop_step_", &nnopt::rmsprop_step_cpu);
+  m.impl("nadam_step_", &nnopt::nadam_step_cpu);
+  m.impl("radam_step_", &nnopt::radam_step_cpu);
+  m.impl("adamax_step_", &nnopt::adamax_step_cpu);
+  m.impl("lion_step_", &nnopt::lion_step_cpu);
 }
 
 // With empty lists the dispatcher has no tensor to pick a backend from; these kernels make that call the no-op it
@@ -529,6 +657,32 @@ void rmsprop_step_empty(TensorList params, TensorList, TensorList, TensorList, T
   check_no_backend("rmsprop_step_", params);
 }
 
+void nadam_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                      double, double, double, bool, bool, double, double, double, double, double, double,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  check_no_backend("nadam_step_", params);
+}
+
+void radam_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                      double, double, double, bool, bool, double, double, double, double,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                      const std::optional<Tensor>&) {
+  check_no_backend("radam_step_", params);
+}
+
+void adamax_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                       double, double, double, bool, double, double, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  check_no_backend("adamax_step_", params);
+}
+
+void lion_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, double, double, double, double,
+                     bool, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&) {
+  check_no_backend("lion_step_", params);
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -537,4 +691,8 @@ TORCH_LIBRARY_IMPL(nnopt, CompositeExplicitAutograd, m) {
   m.impl("adam_step_", &nnopt::adam_step_empty);
   m.impl("adagrad_step_", &nnopt::adagrad_step_empty);
   m.impl("rmsprop_step_", &nnopt::rmsprop_step_empty);
+  m.impl("nadam_step_", &nnopt::nadam_step_empty);
+  m.impl("radam_step_", &nnopt::radam_step_empty);
+  m.impl("adamax_step_", &nnopt::adamax_step_empty);
+  m.impl("lion_step_", &nnopt::lion_step_empty);
 }
