@@ -1,4 +1,5 @@
-// CPU kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_).
+// CPU kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_, nadam_step_,
+// radam_step_, adamax_step_, lion_step_).
 //
 // Math: csrc/include/nnopt/optim_math.h (shared with CUDA); conventions: csrc/ops.cpp; oracle:
 // nnopt/reference/fused_optim.py.

@@ -252,3 +252,16 @@ def test_bad_arguments_raise_torchs_messages(name):
     emb(torch.tensor([1])).sum().backward()
     with pytest.raises(RuntimeError, match="sparse"):
         cls(emb.parameters()).step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_matches_torch_on_cuda(name, kwargs, backend):
+    """On a GPU: parity with the oracle on CUDA tensors (device step counts and NAdam's device mu_product)."""
+    skip_unless_available(backend, "cuda")
+    ps = make_params(backend, device="cuda")
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps, backend=backend, **kwargs), twin(name, qs, kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
