@@ -287,3 +287,60 @@ def lion_step(params, grads, exp_avgs, masters, masks, *, lr, beta1, beta2, weig
         p = p.add(m.mul(beta1).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
         m = m.mul(beta2).add_(g, alpha=1 - beta2)
         _epilogue(i, p, [(exp_avgs[i], m)], lr, l1, params, masters, mask)
+
+
+# LAMB (You et al. 2020) as apex's FusedLAMB. g /= clip, clip = ||g_all|| / max_grad_norm when that exceeds 1
+# (||g_all||: the global norm of every gradient of the optimizer, unscaled);
+#   L2 mode: g += wd*p;  m = beta1*m + beta3*g (beta3 = 1-beta1 with grad_averaging, else 1);
+#   v = beta2*v + (1-beta2)*g*g;  u = (m/bc1) / (sqrt(v/bc2) + eps)  (+ wd*p in adam_w_mode);
+#   ratio = lr * ||p|| / ||u|| when both are nonzero and (wd != 0 or use_nvlamb), else lr;  p -= ratio * u.
+# Masked entries count as 0 in u and in both norms.
+
+
+def l2_norms(tensors):
+    """Per-tensor L2 norms, float32 [len(tensors)] (sums of squares in float64)."""
+    return torch.stack([t.detach().to(torch.float64).pow(2).sum().sqrt() for t in tensors]).to(torch.float32)
+
+
+def lamb_clip(grad_norm, grad_scale, max_grad_norm):
+    """The divisor of the gradients from the global norm of the scaled gradients (a float)."""
+    if grad_norm is None:
+        return 1.0
+    norm = grad_norm.reshape(()).to(torch.float64).item()
+    if grad_scale is not None:
+        norm = norm / grad_scale.reshape(()).to(torch.float64).item()
+    return norm / max_grad_norm if max_grad_norm > 0 and norm > max_grad_norm else 1.0
+
+
+def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+              adam_w_mode, grad_averaging, use_nvlamb, bias_correction, max_grad_norm, maximize, l1, bias_correction1,
+              bias_correction2, lr_tensor=None, grad_scale=None, found_inf=None, step=None, grad_norm=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    if step is not None:
+        s = _step(step)
+        bias_correction1, bias_correction2 = (1 - beta1**s, 1 - beta2**s) if bias_correction else (1.0, 1.0)
+    clip = lamb_clip(grad_norm, grad_scale, max_grad_norm)
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    trust = use_nvlamb or weight_decay != 0
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        g = g / clip
+        if not adam_w_mode:
+            g = g.add(p, alpha=weight_decay)
+        m = exp_avgs[i].to(g.dtype).mul(beta1).add_(g, alpha=beta3)
+        v = exp_avg_sqs[i].to(g.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        if mask is not None:
+            m, v = m.masked_fill(~mask, 0), v.masked_fill(~mask, 0)
+        u = (m / bias_correction1) / ((v / bias_correction2).sqrt() + eps)
+        if adam_w_mode:
+            u = u.add(p, alpha=weight_decay)
+        pk = p
+        if mask is not None:
+            u, pk = u.masked_fill(~mask, 0), p.masked_fill(~mask, 0)
+        p_norm = pk.to(torch.float64).norm().item()
+        u_norm = u.to(torch.float64).norm().item()
+        ratio = lr * (p_norm / u_norm) if trust and p_norm != 0 and u_norm != 0 else lr
+        p = p.add(u, alpha=-ratio)
+        _epilogue(i, p, [(exp_avgs[i], m), (exp_avg_sqs[i], v)], lr, l1, params, masters, mask)

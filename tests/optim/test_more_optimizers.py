@@ -35,6 +35,53 @@ class PaperLion(torch.optim.Optimizer):
                 m.mul_(beta2).add_(g, alpha=1 - beta2)
 
 
+class ApexLAMB(torch.optim.Optimizer):
+    """LAMB as apex's FusedLAMB documents and computes it (csrc/multi_tensor_lamb.cu), in plain torch: global
+    gradient-norm clipping over all groups, Adam moments, the per-tensor trust ratio ||p||/||u|| (lr when either
+    norm is 0, or without weight decay unless use_nvlamb)."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False):
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, grad_averaging=grad_averaging,
+                                      max_grad_norm=max_grad_norm))
+        self.adam_w_mode, self.use_nvlamb = adam_w_mode, use_nvlamb
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        global_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        max_norm = self.defaults["max_grad_norm"]
+        clip = float(global_norm / max_norm) if max_norm > 0 and global_norm > max_norm else 1.0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] += 1
+                bc1 = 1 - beta1 ** float(st["step"]) if group["bias_correction"] else 1.0
+                bc2 = 1 - beta2 ** float(st["step"]) if group["bias_correction"] else 1.0
+                g = p.grad / clip
+                if not self.adam_w_mode:
+                    g = g + wd * p
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=beta3)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                u = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
+                if self.adam_w_mode:
+                    u = u + wd * p
+                p_norm, u_norm = float(p.norm()), float(u.norm())
+                ratio = lr
+                if (self.use_nvlamb or wd != 0) and p_norm != 0 and u_norm != 0:
+                    ratio = lr * p_norm / u_norm
+                p.add_(u, alpha=-ratio)
+
+
 # (optimizer name, constructor kwargs): each option at least once.
 CONFIGS = [
     ("NAdam", dict(lr=0.01)),
@@ -47,16 +94,23 @@ CONFIGS = [
     ("Adamax", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, eps=1e-3, maximize=True)),
     ("Lion", dict(lr=0.01)),
     ("Lion", dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.5, maximize=True)),
+    ("LAMB", dict(lr=0.01)),
+    ("LAMB", dict(lr=0.01, adam_w_mode=False, weight_decay=0.1, max_grad_norm=0.5, grad_averaging=False)),
+    ("LAMB", dict(lr=0.01, weight_decay=0.0, max_grad_norm=0.0, bias_correction=False, betas=(0.8, 0.9))),
+    ("LAMB", dict(lr=0.01, weight_decay=0.0, use_nvlamb=True, max_grad_norm=100.0)),
 ]
 IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CONFIGS]
 BACKENDS = ["triton", "cpu", "torch"]
 TORCH_HAS = ("NAdam", "RAdam", "Adamax")
+NAMES = ["NAdam", "RAdam", "Adamax", "Lion", "LAMB"]
 
 
 def twin(name, params, kwargs):
     """The oracle: torch.optim's for-loop path, or the paper's plain-torch Lion."""
     if name == "Lion":
         return PaperLion(params, **kwargs)
+    if name == "LAMB":
+        return ApexLAMB(params, **kwargs)
     return getattr(torch.optim, name)(params, foreach=False, **kwargs)
 
 
@@ -78,22 +132,20 @@ def test_matches_torch(name, kwargs, backend):
     assert_same_state(ours, ref, ps, qs)
 
 
-@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_float64_and_complex(name):
     ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(), (5, 3), (33,)]]
-    ps.append(torch.nn.Parameter(torch.randn(7, dtype=torch.complex64)))
+    if name in TORCH_HAS:  # the papers' Lion and LAMB have no complex form
+        ps.append(torch.nn.Parameter(torch.randn(7, dtype=torch.complex64)))
     qs = clone_params(ps)
     ours, ref = getattr(nno, name)(ps, lr=0.01), twin(name, qs, dict(lr=0.01))
-    if name == "Lion":  # the paper's Lion has no complex form; compare the real parameters only
-        ps, qs = ps[:3], qs[:3]
-        ours, ref = nno.Lion(ps, lr=0.01), twin(name, qs, dict(lr=0.01))
     run_pair(ours, ref, ps, qs)
     for p, q in zip(ps, qs):
         assert_close(p.detach(), q.detach())
 
 
 @pytest.mark.parametrize("backend", ["cpu", "torch"])
-@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_schedulers_tensor_lr_and_late_groups(name, backend):
     skip_unless_available(backend, "cpu")
     kwargs = dict(lr=torch.tensor(0.05))
@@ -174,7 +226,7 @@ def test_l1_matches_reference(name, kwargs, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_master_weights(name, backend):
     """bf16 params with fp32 masters, given bf16 gradients, track an fp32 run of the oracle from the same start with
     the same gradients: the master to fp32 rounding, the parameter to its bf16 rounding."""
@@ -199,7 +251,7 @@ def test_master_weights(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_grad_scaler_skips_non_finite_step(name, backend):
     skip_unless_available(backend, "cpu")
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
@@ -228,7 +280,7 @@ def test_grad_scaler_skips_non_finite_step(name, backend):
         assert_close(a.detach(), b.detach())
 
 
-@pytest.mark.parametrize("name", ["NAdam", "RAdam", "Adamax", "Lion"])
+@pytest.mark.parametrize("name", NAMES)
 def test_bad_arguments_raise_torchs_messages(name):
     cls = getattr(nno, name)
     p = [torch.nn.Parameter(torch.randn(3))]

@@ -516,5 +516,77 @@ NNOPT_HD inline void lion_update(T& p, T g, T& m, bool keep, const LionScalars<T
   }
 }
 
+// =========================================================================================================
+// LAMB (You et al. 2020) as apex's FusedLAMB, in two passes over all tensors. Pass 1 (lamb_moments): g is
+// divided by the global clip factor (||g|| / max_grad_norm when that exceeds 1), the moments are updated and the
+// direction u = (m/bc1) / (sqrt(v/bc2) + eps) (+ wd*p in adam_w_mode; L2 mode adds wd*p to g instead) is formed;
+// each tensor's ||p|| and ||u|| are reduced. Pass 2 (lamb_direction, then p -= ratio*u) recomputes u from the
+// stored moments and applies ratio = lr * ||p||/||u|| (lr when either norm is 0, or when wd == 0 and not nvlamb).
+// Masked entries count as 0 in u and in both norms.
+
+struct LambArgs {
+  double lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2, grad_scale, clip;
+  bool maximize, grad_averaging, bias_correction;
+};
+
+template <typename T>
+struct LambScalars {
+  T beta1, beta3, beta2, one_minus_beta2, bc1, bc2, eps, weight_decay, clip, grad_scale, neg, l1_thr;
+};
+
+template <typename T>
+NNOPT_HD inline LambScalars<T> make_lamb(double lr, const LambArgs& a) {
+  LambScalars<T> s;
+  s.beta1 = T(a.beta1);
+  s.beta3 = T(a.grad_averaging ? 1 - a.beta1 : 1.0);
+  s.beta2 = T(a.beta2);
+  s.one_minus_beta2 = T(1 - a.beta2);
+  s.bc1 = T(a.bias_correction1);
+  s.bc2 = T(a.bias_correction2);
+  s.eps = T(a.eps);
+  s.weight_decay = T(a.weight_decay);
+  s.clip = T(a.clip);
+  s.grad_scale = T(a.grad_scale);
+  s.neg = a.maximize ? T(-1) : T(1);
+  s.l1_thr = a.l1 > 0 ? T(lr * a.l1) : T(0);
+  return s;
+}
+
+NNOPT_HD inline void set_step(LambArgs& a, double step) {
+  a.bias_correction1 = a.bias_correction ? 1 - pow(a.beta1, step) : 1.0;
+  a.bias_correction2 = a.bias_correction ? 1 - pow(a.beta2, step) : 1.0;
+}
+
+// The clip divisor from the global gradient norm (of the scaled gradients: divided by grad_scale here).
+NNOPT_HD inline double lamb_clip(double grad_norm, double grad_scale, double max_grad_norm) {
+  const double norm = grad_norm / grad_scale;
+  return (max_grad_norm > 0 && norm > max_grad_norm) ? norm / max_grad_norm : 1.0;
+}
+
+template <typename T>
+NNOPT_HD inline T lamb_direction(T p, T m, T v, bool keep, bool adam_w, const LambScalars<T>& h) {
+  T u = (m / h.bc1) / (sqrt_(v / h.bc2) + h.eps);
+  if (adam_w) u = fma_(h.weight_decay, p, u);
+  return keep ? u : T(0);
+}
+
+// Pass 1 for one element: updates m and v in place, returns u.
+template <typename T>
+NNOPT_HD inline T lamb_moments(T p, T g, T& m, T& v, bool keep, bool adam_w, const LambScalars<T>& h) {
+  g = prologue_grad(g, h.grad_scale, h.neg) / h.clip;
+  g = keep ? g : T(0);
+  if (!adam_w) g = fma_(h.weight_decay, p, g);
+  m = fma_(h.beta3, g, m * h.beta1);
+  v = fma_(h.one_minus_beta2 * g, g, v * h.beta2);
+  m = keep ? m : T(0);
+  v = keep ? v : T(0);
+  return lamb_direction(p, m, v, keep, adam_w, h);
+}
+
+// The trust ratio of one tensor from its norms, as apex: lr * ||p||/||u||, or lr.
+NNOPT_HD inline double lamb_ratio(double lr, double p_norm, double u_norm, bool trust) {
+  return (trust && p_norm != 0 && u_norm != 0) ? lr * (p_norm / u_norm) : lr;
+}
+
 }  // namespace optim
 }  // namespace nnopt
