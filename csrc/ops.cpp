@@ -41,6 +41,44 @@ TORCH_LIBRARY(nnopt, m) {
       "float lr, float alpha, float eps, float weight_decay, float momentum, bool centered, bool maximize, "
       "float l1, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
 
+  // NAdam, RAdam, Adamax (torch.optim's math) and Lion (Chen et al. 2023), same conventions. Count-derived
+  // floats (NAdam: bias_correction2, mu, mu_next; RAdam: bias_correction1, bias_correction2_sqrt, rect, where
+  // rect <= 0 selects the unrectified branch; Adamax: bias_correction1) are ignored when `step` is given. NAdam's
+  // mu_product is the float32 product of the mu's including this step's (mu_product_tensor replaces it).
+  m.def(
+      "nadam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, Tensor[] masks, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool maximize, float l1, float momentum_decay, float bias_correction2, float mu, "
+      "float mu_next, float mu_product, Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, "
+      "Tensor? step=None, Tensor? mu_product_tensor=None) -> ()");
+  m.def(
+      "radam_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, Tensor[] masks, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool decoupled, bool maximize, float l1, float bias_correction1, float bias_correction2_sqrt, float rect, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? step=None) -> ()");
+  m.def(
+      "adamax_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_infs, "
+      "Tensor(d!)[] masters, Tensor[] masks, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool maximize, float l1, float bias_correction1, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? step=None) -> ()");
+  m.def(
+      "lion_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] masters, "
+      "Tensor[] masks, *, float lr, float beta1, float beta2, float weight_decay, bool maximize, float l1, "
+      "Tensor? lr_tensor=None, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  // LAMB as apex's FusedLAMB: one call runs pass 1 (moments; each tensor's ||p|| and ||u|| reduced over all
+  // tensors at once) then pass 2 (p -= ratio * u, ratio = lr * ||p||/||u||; lr when a norm is 0, or when
+  // weight_decay == 0 and not use_nvlamb). grad_norm (one element): the global norm of the (scaled) gradients;
+  // they are divided by grad_norm / grad_scale / max_grad_norm when that exceeds 1 (max_grad_norm > 0).
+  // bias_correction1/2 are 1 - beta**step (1 without bias_correction); a `step` tensor replaces them.
+  m.def(
+      "lamb_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] masters, Tensor[] masks, *, float lr, float beta1, float beta2, float eps, float weight_decay, "
+      "bool adam_w_mode, bool grad_averaging, bool use_nvlamb, bool bias_correction, float max_grad_norm, "
+      "bool maximize, float l1, float bias_correction1, float bias_correction2, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? step=None, Tensor? grad_norm=None) -> ()");
+  // Per-tensor L2 norms of a list of contiguous floating tensors on one device: float32 [len(tensors)].
+  m.def("l2_norms(Tensor[] tensors) -> Tensor");
+
   // Radix-select histogram (family: select), the primitive of nnopt/prune/_select.py: adds to hist (int64,
   // 2^bits bins, the scores' device) the count of eligible entries (mask true; a None mask = all) per value of
   // the field (key >> shift) & (2^bits - 1) of their order key (key_bits = 16, 32, 64), among the entries whose

@@ -1,4 +1,5 @@
-"""Fused optimizer steps in Triton: SGD, Adam/AdamW, Adagrad and RMSprop, one launch per call for all parameters.
+"""Fused optimizer steps in Triton: SGD, Adam/AdamW, Adagrad, RMSprop, NAdam, RAdam, Adamax and Lion, one launch
+per call for all parameters.
 
 Each function updates its lists in place, with the names, signatures and math of `nnopt.reference.fused_optim`
 (torch.optim's single-tensor path, op for op). Per element, with g the gradient (divided by grad_scale; negated
@@ -475,3 +476,298 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, master
         [lr_tensor, grad_scale, found_inf, float(lr), float(alpha), float(eps),
          float(weight_decay), float(momentum), float(l1)],
         MAXIMIZE=bool(maximize), HAS_MOMENTUM=has_momentum, CENTERED=bool(centered), **check, **flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# NAdam, RAdam, Adamax, Lion (math in nnopt.reference.fused_optim). States: m, v (Adamax: m, exp_inf; Lion: m).
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _pow(base, step):
+    """base**step in float64 as exp(step*log(base)) (see _adam_kernel); base = 0 gives 0."""
+    return tl.exp(step * tl.log(base))
+
+
+@triton.jit
+def _adam_like_prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, lr, wd, CD: tl.constexpr,
+                        HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                        MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr):
+    p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE)
+    if DECOUPLED:
+        p = tl.where(wd != 0, p * (1.0 - lr * wd).to(CD), p)
+    else:
+        g = tl.where(wd != 0, tl.fma(p, wd.to(CD), g), g)
+    return p, g, keep
+
+
+@triton.jit
+def _moments(m_ptr, v_ptr, offs, m, g, keep, beta1, beta2, CD: tl.constexpr, HAS_MASK: tl.constexpr):
+    exp_avg = lerp(_load_state(m_ptr, offs, m, CD), g, (1.0 - beta1).to(CD))
+    exp_avg_sq = tl.fma((1.0 - beta2).to(CD) * g, g, _load_state(v_ptr, offs, m, CD) * beta2.to(CD))
+    _store_state(m_ptr, offs, m, exp_avg, keep, HAS_MASK)
+    _store_state(v_ptr, offs, m, exp_avg_sq, keep, HAS_MASK)
+    return exp_avg, exp_avg_sq
+
+
+@triton.jit
+def _nadam_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc2,
+                 c_grad, c_avg, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _adam_like_prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, lr, wd, CD, HAS_MASTER, HAS_MASK,
+                                     HAS_SCALE, MAXIMIZE, DECOUPLED)
+    exp_avg, exp_avg_sq = _moments(m_ptr, v_ptr, offs, m, g, keep, beta1, beta2, CD, HAS_MASK)
+    denom = sqrt_rn(div_rn(exp_avg_sq, bc2.to(CD), CD), CD) + eps.to(CD)
+    p = p + div_rn(c_grad.to(CD) * g, denom, CD)
+    p = p + div_rn(c_avg.to(CD) * exp_avg, denom, CD)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _nadam_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, mup_ptr, lr: tl.float64, beta1: tl.float64,
+                  beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, l1: tl.float64,
+                  momentum_decay: tl.float64, bias_correction2: tl.float64, mu: tl.float64, mu_next: tl.float64,
+                  mu_product: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr,
+                  HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  HAS_INF: tl.constexpr, HAS_STEP: tl.constexpr, HAS_MUP: tl.constexpr, MAXIMIZE: tl.constexpr,
+                  DECOUPLED: tl.constexpr, N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr,
+                  BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    v_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    bc2 = f64(bias_correction2)
+    mu = f64(mu)
+    mu_next = f64(mu_next)
+    mu_product = f64(mu_product)
+    if HAS_STEP:
+        step = tl.load(step_ptr).to(tl.float64)
+        md = f64(momentum_decay)
+        bc2 = 1 - _pow(beta2, step)
+        mu = beta1 * (1.0 - 0.5 * _pow(f64(0.96), step * md))
+        mu_next = beta1 * (1.0 - 0.5 * _pow(f64(0.96), (step + 1) * md))
+    if HAS_MUP:
+        mu_product = tl.load(mup_ptr).to(tl.float64)
+    c_grad = (-lr * (1.0 - mu)) / (1.0 - mu_product)
+    c_avg = (-lr * mu_next) / (1.0 - mu_product * mu_next)
+    for i in range((lim - start) // BLOCK):
+        _nadam_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps,
+                     wd, l1, bc2, c_grad, c_avg, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _nadam_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc2,
+                     c_grad, c_avg, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED, BLOCK)
+
+
+@triton.jit
+def _radam_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc1,
+                 bc2_sqrt, rect, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _adam_like_prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, lr, wd, CD, HAS_MASTER, HAS_MASK,
+                                     HAS_SCALE, MAXIMIZE, DECOUPLED)
+    exp_avg, exp_avg_sq = _moments(m_ptr, v_ptr, offs, m, g, keep, beta1, beta2, CD, HAS_MASK)
+    x = div_rn(exp_avg, bc1.to(CD), CD) * lr.to(CD)
+    adaptive = div_rn(tl.full(exp_avg.shape, 1.0, CD), sqrt_rn(exp_avg_sq, CD) + eps.to(CD), CD) * bc2_sqrt.to(CD)
+    rectified = (x * adaptive) * rect.to(CD)
+    p = p - tl.where(rect > 0, rectified, x)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _radam_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr: tl.float64, beta1: tl.float64,
+                  beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, l1: tl.float64,
+                  bias_correction1: tl.float64, bias_correction2_sqrt: tl.float64, rect: tl.float64,
+                  P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr,
+                  HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                  HAS_STEP: tl.constexpr, MAXIMIZE: tl.constexpr, DECOUPLED: tl.constexpr, N_SLOTS: tl.constexpr,
+                  ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    v_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    bc1 = f64(bias_correction1)
+    bc2_sqrt = f64(bias_correction2_sqrt)
+    rect = f64(rect)
+    if HAS_STEP:  # torch.optim.RAdam's count-derived scalars, in float64, from the device count
+        step = tl.load(step_ptr).to(tl.float64)
+        bc1 = 1 - _pow(beta1, step)
+        bc2 = 1 - _pow(beta2, step)
+        bc2_sqrt = tl.sqrt(bc2)
+        rho_inf = 2 / (1 - beta2) - 1
+        rho_t = rho_inf - 2 * step * _pow(beta2, step) / bc2
+        ratio = (rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)
+        rect = tl.where(rho_t > 5.0, tl.sqrt(tl.maximum(ratio, 0.0)), 0.0)
+    for i in range((lim - start) // BLOCK):
+        _radam_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps,
+                     wd, l1, bc1, bc2_sqrt, rect, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _radam_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, v_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc1,
+                     bc2_sqrt, rect, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, DECOUPLED, BLOCK)
+
+
+@triton.jit
+def _adamax_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, u_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc1,
+                  CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr,
+                  MAXIMIZE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _adam_like_prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, lr, wd, CD, HAS_MASTER, HAS_MASK,
+                                     HAS_SCALE, MAXIMIZE, False)
+    exp_avg = lerp(_load_state(m_ptr, offs, m, CD), g, (1.0 - beta1).to(CD))
+    a = _load_state(u_ptr, offs, m, CD) * beta2.to(CD)
+    b = tl.abs(g) + eps.to(CD)
+    u = tl.where((a > b) | (a != a), a, b)  # torch.maximum: NaN propagates
+    _store_state(m_ptr, offs, m, exp_avg, keep, HAS_MASK)
+    _store_state(u_ptr, offs, m, u, keep, HAS_MASK)
+    p = p + div_rn((-(lr / bc1)).to(CD) * exp_avg, u, CD)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _adamax_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr: tl.float64, beta1: tl.float64,
+                   beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, l1: tl.float64,
+                   bias_correction1: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr,
+                   HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
+                   HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, HAS_STEP: tl.constexpr, MAXIMIZE: tl.constexpr,
+                   N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    u_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    bc1 = f64(bias_correction1)
+    if HAS_STEP:
+        bc1 = 1 - _pow(beta1, tl.load(step_ptr).to(tl.float64))
+    for i in range((lim - start) // BLOCK):
+        _adamax_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, u_ptr, scale, lr, beta1, beta2, eps,
+                      wd, l1, bc1, CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _adamax_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, u_ptr, scale, lr, beta1, beta2, eps, wd, l1, bc1,
+                      CD, HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+
+
+@triton.jit
+def _lion_block(off, bound, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, scale, lr, beta1, beta2, wd, l1, CD: tl.constexpr,
+                HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr,
+                BLOCK: tl.constexpr):
+    offs = off + tl.arange(0, BLOCK)
+    m = offs < bound
+    p, g, keep = _adam_like_prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, lr, wd, CD, HAS_MASTER, HAS_MASK,
+                                     HAS_SCALE, MAXIMIZE, True)
+    exp_avg = _load_state(m_ptr, offs, m, CD)
+    c = tl.fma(g, (1.0 - beta1).to(CD), exp_avg * beta1.to(CD))
+    sgn = (c > 0).to(CD) - (c < 0).to(CD)
+    p = tl.fma(sgn, (-lr).to(CD), p)
+    exp_avg = tl.fma(g, (1.0 - beta2).to(CD), exp_avg * beta2.to(CD))
+    _store_state(m_ptr, offs, m, exp_avg, keep, HAS_MASK)
+    _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _lion_kernel(table, lr_ptr, scale_ptr, inf_ptr, lr: tl.float64, beta1: tl.float64, beta2: tl.float64,
+                 weight_decay: tl.float64, l1: tl.float64, P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr,
+                 CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, N_SLOTS: tl.constexpr,
+                 ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    m_ptr = slot_ptr(row, 2 + HAS_MASTER + HAS_MASK, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    for i in range((lim - start) // BLOCK):
+        _lion_block(start + i * BLOCK, lim, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, scale, lr, beta1, beta2, wd, l1, CD,
+                    HAS_MASTER, HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+    for off in range(lim, end, BLOCK):
+        _lion_block(off, end, p_ptr, g_ptr, w_ptr, k_ptr, m_ptr, scale, lr, beta1, beta2, wd, l1, CD, HAS_MASTER,
+                    HAS_MASK, HAS_SCALE, MAXIMIZE, BLOCK)
+
+
+def nadam_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+               decoupled, maximize, l1, momentum_decay, bias_correction2, mu, mu_next, mu_product, lr_tensor=None,
+               grad_scale=None, found_inf=None, step=None, mu_product_tensor=None):
+    """NAdam / NAdamW on every tensor of `params`, in place; see nnopt.reference.fused_optim. A `step` tensor
+    replaces bias_correction2, mu and mu_next; `mu_product_tensor` replaces mu_product."""
+    if not params:
+        return
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    lists, check, flags = _check("nadam_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                                 found_inf, step)
+    if mu_product_tensor is not None:
+        _check("nadam_step", params, grads, masters, masks, states, mu_product_tensor, None, None)
+    _multi_tensor.launch(
+        _nadam_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, step, mu_product_tensor, float(lr), float(beta1), float(beta2),
+         float(eps), float(weight_decay), float(l1), float(momentum_decay), float(bias_correction2), float(mu),
+         float(mu_next), float(mu_product)],
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), HAS_STEP=step is not None,
+        HAS_MUP=mu_product_tensor is not None, **check, **flags)
+
+
+def radam_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+               decoupled, maximize, l1, bias_correction1, bias_correction2_sqrt, rect, lr_tensor=None,
+               grad_scale=None, found_inf=None, step=None):
+    """RAdam / RAdamW on every tensor of `params`, in place; a `step` tensor replaces the count-derived scalars."""
+    if not params:
+        return
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    lists, check, flags = _check("radam_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                                 found_inf, step)
+    _multi_tensor.launch(
+        _radam_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, step, float(lr), float(beta1), float(beta2), float(eps),
+         float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2_sqrt), float(rect)],
+        MAXIMIZE=bool(maximize), DECOUPLED=bool(decoupled), HAS_STEP=step is not None, **check, **flags)
+
+
+def adamax_step(params, grads, exp_avgs, exp_infs, masters, masks, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                l1, bias_correction1, lr_tensor=None, grad_scale=None, found_inf=None, step=None):
+    """Adamax on every tensor of `params`, in place; a `step` tensor replaces bias_correction1."""
+    if not params:
+        return
+    states = {"exp_avgs": exp_avgs, "exp_infs": exp_infs}
+    lists, check, flags = _check("adamax_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                                 found_inf, step)
+    _multi_tensor.launch(
+        _adamax_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, step, float(lr), float(beta1), float(beta2), float(eps),
+         float(weight_decay), float(l1), float(bias_correction1)],
+        MAXIMIZE=bool(maximize), HAS_STEP=step is not None, **check, **flags)
+
+
+def lion_step(params, grads, exp_avgs, masters, masks, *, lr, beta1, beta2, weight_decay, maximize, l1,
+              lr_tensor=None, grad_scale=None, found_inf=None):
+    """Lion on every tensor of `params`, in place."""
+    if not params:
+        return
+    lists, check, flags = _check("lion_step", params, grads, masters, masks, {"exp_avgs": exp_avgs}, lr_tensor,
+                                 grad_scale, found_inf)
+    _multi_tensor.launch(
+        _lion_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, float(lr), float(beta1), float(beta2), float(weight_decay), float(l1)],
+        MAXIMIZE=bool(maximize), **check, **flags)

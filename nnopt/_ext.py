@@ -10,7 +10,8 @@ import torch
 
 # Every op's name in the `nnopt` library, by family; the schemas live in csrc/ops.cpp.
 OPS = {
-    "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step"),
+    "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step", "nadam_step", "radam_step", "adamax_step",
+                    "lion_step", "lamb_step", "l2_norms"),
     "select": ("select_histogram",),
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_pack",
                       "masked_linear_packed"),
@@ -18,6 +19,7 @@ OPS = {
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
 _INPLACE = {"fused_optim", "select"}
+_FUNCTIONAL = {"l2_norms"}  # ops of an in-place family that return a new tensor
 
 
 @functools.lru_cache(maxsize=None)
@@ -47,7 +49,10 @@ def has_kernel(op, dispatch_key):
 def _register_fakes():
     # The fused optimizer steps mutate their inputs and return nothing: their fake kernels do nothing.
     for name in OPS["fused_optim"]:
-        torch.library.register_fake(f"nnopt::{name}_")(_noop)
+        if name not in _FUNCTIONAL:
+            torch.library.register_fake(f"nnopt::{name}_")(_noop)
+    torch.library.register_fake("nnopt::l2_norms")(lambda tensors: tensors[0].new_empty((len(tensors),),
+                                                                                         dtype=torch.float32))
     # The select histogram adds into its `hist` argument in place and returns nothing.
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
     # The masked linear products allocate their results: the fakes give shape, dtype and device.
@@ -90,7 +95,7 @@ def namespace(family):
         return _masked_linear_namespace()
     ops = {}
     for name in OPS[family]:
-        ops[name] = getattr(torch.ops.nnopt, f"{name}_" if family in _INPLACE else name)
+        ops[name] = getattr(torch.ops.nnopt, f"{name}_" if family in _INPLACE and name not in _FUNCTIONAL else name)
     return types.SimpleNamespace(**ops)
 
 

@@ -1,4 +1,5 @@
-// CPU kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_).
+// CPU kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_, nadam_step_,
+// radam_step_, adamax_step_, lion_step_).
 //
 // Math: csrc/include/nnopt/optim_math.h (shared with CUDA); conventions: csrc/ops.cpp; oracle:
 // nnopt/reference/fused_optim.py.
@@ -12,12 +13,14 @@
 // blocks of kBlock elements converted to the compute type on the stack (L1-resident), then converted back.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <optional>
@@ -171,6 +174,44 @@ struct RmspropOp {
   template <typename T, typename F>
   static inline void update(T& p, T g, T& s0, T& s1, T& s2, bool keep, const Scalars<T>& h, const F& f) {
     rmsprop_update(p, g, s0, s1, s2, keep, h, f);
+  }
+};
+
+
+// Two-state optimizers (NAdam, RAdam, Adamax: m and v/u) and Lion (m only); no a/b flags.
+#define NNOPT_TWO_STATE_OP(NAME, SCALARS, MAXWD, FN)                                                      \
+  struct NAME {                                                                                           \
+    template <typename T>                                                                                 \
+    using Scalars = SCALARS<T>;                                                                           \
+    static constexpr int kMaxWd = MAXWD;                                                                  \
+    static constexpr bool kUsesA = false, kUsesB = false;                                                 \
+    template <typename F>                                                                                 \
+    static constexpr bool uses(int k) {                                                                   \
+      return k < 2;                                                                                       \
+    }                                                                                                     \
+    template <typename T, typename F>                                                                     \
+    static inline void update(T& p, T g, T& s0, T& s1, T&, bool keep, const Scalars<T>& h, const F& f) { \
+      FN(p, g, s0, s1, keep, h, f);                                                                       \
+    }                                                                                                     \
+  };
+
+NNOPT_TWO_STATE_OP(NadamOp, NadamScalars, 2, nadam_update)
+NNOPT_TWO_STATE_OP(RadamOp, RadamScalars, 2, radam_update)
+NNOPT_TWO_STATE_OP(AdamaxOp, AdamaxScalars, 1, adamax_update)
+#undef NNOPT_TWO_STATE_OP
+
+struct LionOp {
+  template <typename T>
+  using Scalars = LionScalars<T>;
+  static constexpr int kMaxWd = 1;
+  static constexpr bool kUsesA = false, kUsesB = false;
+  template <typename F>
+  static constexpr bool uses(int k) {
+    return k == 0;
+  }
+  template <typename T, typename F>
+  static inline void update(T& p, T g, T& s0, T&, T&, bool keep, const Scalars<T>& h, const F& f) {
+    lion_update(p, g, s0, keep, h, f);
   }
 };
 
@@ -485,6 +526,338 @@ void rmsprop_step_cpu(TensorList params, TensorList grads, TensorList square_avg
   run_all(ctx, tensors, !masters.empty());
 }
 
+template <typename T>
+NadamScalars<T> make_scalars(const NadamArgs& a) { return make_nadam<T>(a.lr, a); }
+template <typename T>
+RadamScalars<T> make_scalars(const RadamArgs& a) { return make_radam<T>(a.lr, a); }
+template <typename T>
+AdamaxScalars<T> make_scalars(const AdamaxArgs& a) { return make_adamax<T>(a.lr, a); }
+template <typename T>
+LionScalars<T> make_scalars(const LionArgs& a) { return make_lion<T>(a.lr, a); }
+
+// The optimizers of optim_math.h's second part: one template for the validation, scalars and launch.
+template <typename Op, typename Args>
+void run_op(const char* op, TensorList params, std::vector<TensorPtrs>& tensors, TensorList masters,
+            TensorList masks, Args a, int wd, const std::optional<Tensor>& lr_tensor,
+            const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+            const std::optional<Tensor>& step, const std::optional<Tensor>& aux = std::nullopt) {
+  double scale;
+  if (!read_scalars(op, params, lr_tensor, grad_scale, found_inf, a.lr, scale)) return;
+  a.grad_scale = scale;
+  if (aux.has_value() && !params.empty()) {
+    check_scalar_tensor(op, "mu_product_tensor", aux, params[0].device());
+    set_aux(a, aux->item<double>());
+  }
+  read_step(op, params, step, a);
+  Context<Op> ctx;
+  ctx.hf = make_scalars<float>(a);
+  ctx.hd = make_scalars<double>(a);
+  ctx.ff = select_math<Op, float>(!masks.empty(), wd, false, false);
+  ctx.fd = select_math<Op, double>(!masks.empty(), wd, false, false);
+  run_all(ctx, tensors, !masters.empty());
+}
+
+void nadam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool maximize, double l1, double momentum_decay,
+                    double bias_correction2, double mu, double mu_next, double mu_product,
+                    const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step,
+                    const std::optional<Tensor>& mu_product_tensor) {
+  const char* op = "nadam_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  const NadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, momentum_decay, bias_correction2, mu, mu_next,
+                    mu_product, 1.0, maximize};
+  run_op<NadamOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? (decoupled ? 2 : 1) : 0, lr_tensor,
+                  grad_scale, found_inf, step, mu_product_tensor);
+}
+
+void radam_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool decoupled, bool maximize, double l1, double bias_correction1,
+                    double bias_correction2_sqrt, double rect, const std::optional<Tensor>& lr_tensor,
+                    const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                    const std::optional<Tensor>& step) {
+  const char* op = "radam_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  const RadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, rect, 1.0,
+                    maximize};
+  run_op<RadamOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? (decoupled ? 2 : 1) : 0, lr_tensor,
+                  grad_scale, found_inf, step);
+}
+
+void adamax_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_infs,
+                     TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, bool maximize, double l1, double bias_correction1,
+                     const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                     const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
+  const char* op = "adamax_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_infs", exp_infs, true}});
+  const AdamaxArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, 1.0, maximize};
+  run_op<AdamaxOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? 1 : 0, lr_tensor, grad_scale,
+                   found_inf, step);
+}
+
+void lion_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList masters, TensorList masks,
+                   double lr, double beta1, double beta2, double weight_decay, bool maximize, double l1,
+                   const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf) {
+  const char* op = "lion_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks, {{"exp_avgs", exp_avgs, true}});
+  const LionArgs a{lr, beta1, beta2, weight_decay, l1, 1.0, maximize};
+  run_op<LionOp>(op, params, tensors, masters, masks, a, weight_decay != 0 ? 1 : 0, lr_tensor, grad_scale,
+                 found_inf, std::nullopt);
+}
+
+
+// ---------------------------------------------------------------------------------------------------------
+// LAMB: pass 1 (moments and per-tensor norms) over every (tensor, chunk) item, the norms summed per tensor in
+// item order (fixed kChunk items: the result does not depend on the thread count), then pass 2 (the update).
+
+template <typename P>
+inline float to_f(P x) {
+  return static_cast<float>(x);
+}
+
+// Elements [b, b+n) of one tensor. Returns (sum p^2, sum u^2) over unmasked entries.
+template <typename P, bool Master, bool Masked, bool AdamW>
+void lamb_pass1(const TensorPtrs& t, int64_t b, int64_t n, const LambScalars<compute_t<P>>& h, double* out) {
+  using C = compute_t<P>;
+  using S = std::conditional_t<Master, float, P>;
+  const P* param = static_cast<const P*>(t.param) + b;
+  const float* master = Master ? t.master + b : nullptr;
+  const P* grad = static_cast<const P*>(t.grad) + b;
+  S* ms = static_cast<S*>(t.s[0]) + b;
+  S* vs = static_cast<S*>(t.s[1]) + b;
+  const uint8_t* mask = Masked ? t.mask + b : nullptr;
+  C pn = 0, un = 0;
+#pragma omp simd reduction(+ : pn, un)
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = Masked ? mask[i] != 0 : true;
+    C p = Master ? C(master[i]) : C(to_f(param[i]));
+    if constexpr (std::is_same_v<P, double>) p = param[i];
+    C m = C(to_f(ms[i])), v = C(to_f(vs[i]));
+    if constexpr (std::is_same_v<S, double>) {
+      m = ms[i];
+      v = vs[i];
+    }
+    C g = std::is_same_v<P, double> ? C(grad[i]) : C(to_f(grad[i]));
+    const C u = lamb_moments(p, g, m, v, keep, AdamW, h);
+    ms[i] = S(m);
+    vs[i] = S(v);
+    p = keep ? p : C(0);
+    pn += p * p;
+    un += u * u;
+  }
+  out[0] = double(pn);
+  out[1] = double(un);
+}
+
+template <typename P, bool Master, bool Masked, bool AdamW>
+void lamb_pass2(const TensorPtrs& t, int64_t b, int64_t n, const LambScalars<compute_t<P>>& h, compute_t<P> ratio) {
+  using C = compute_t<P>;
+  using S = std::conditional_t<Master, float, P>;
+  P* param = static_cast<P*>(t.param) + b;
+  float* master = Master ? t.master + b : nullptr;
+  const S* ms = static_cast<const S*>(t.s[0]) + b;
+  const S* vs = static_cast<const S*>(t.s[1]) + b;
+  const uint8_t* mask = Masked ? t.mask + b : nullptr;
+  const C neg_ratio = -ratio;
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) {
+    const bool keep = Masked ? mask[i] != 0 : true;
+    C p = Master ? C(master[i]) : C(to_f(param[i]));
+    if constexpr (std::is_same_v<P, double>) p = param[i];
+    C m = C(to_f(ms[i])), v = C(to_f(vs[i]));
+    if constexpr (std::is_same_v<S, double>) {
+      m = ms[i];
+      v = vs[i];
+    }
+    const C u = lamb_direction(p, m, v, keep, AdamW, h);
+    p = fma_(neg_ratio, u, p);
+    p = l1_prox(p, h.l1_thr);
+    if (Masked) p = keep ? p : C(0);
+    if constexpr (Master) master[i] = float(p);
+    param[i] = P(p);
+  }
+}
+
+struct LambFns {
+  void (*pass1)(const TensorPtrs&, int64_t, int64_t, const void*, double*);
+  void (*pass2)(const TensorPtrs&, int64_t, int64_t, const void*, double);
+};
+
+template <typename P, bool Master, bool Masked, bool AdamW>
+LambFns lamb_fns() {
+  using C = compute_t<P>;
+  return {[](const TensorPtrs& t, int64_t b, int64_t n, const void* h, double* out) {
+            lamb_pass1<P, Master, Masked, AdamW>(t, b, n, *static_cast<const LambScalars<C>*>(h), out);
+          },
+          [](const TensorPtrs& t, int64_t b, int64_t n, const void* h, double ratio) {
+            lamb_pass2<P, Master, Masked, AdamW>(t, b, n, *static_cast<const LambScalars<C>*>(h), C(ratio));
+          }};
+}
+
+template <typename P, bool Master>
+LambFns lamb_select(bool masked, bool adam_w) {
+  if (masked) return adam_w ? lamb_fns<P, Master, true, true>() : lamb_fns<P, Master, true, false>();
+  return adam_w ? lamb_fns<P, Master, false, true>() : lamb_fns<P, Master, false, false>();
+}
+
+template <bool Master>
+LambFns lamb_select_dtype(at::ScalarType dt, bool masked, bool adam_w) {
+  switch (dt) {
+    case at::kDouble: return lamb_select<double, Master>(masked, adam_w);
+    case at::kBFloat16: return lamb_select<c10::BFloat16, Master>(masked, adam_w);
+    case at::kHalf: return lamb_select<c10::Half, Master>(masked, adam_w);
+    default: return lamb_select<float, Master>(masked, adam_w);
+  }
+}
+
+// Runs fn(item) over items on all threads (dynamic: threads pull items from a shared counter).
+template <typename Item, typename Fn>
+void parallel_items(const std::vector<Item>& items, int64_t total, const Fn& fn) {
+  const int64_t n_items = int64_t(items.size());
+  const int64_t n_threads = std::min<int64_t>(std::max<int64_t>(1, at::get_num_threads()), n_items);
+  if (n_threads <= 1 || total <= kChunk) {
+    for (int64_t k = 0; k < n_items; ++k) fn(k);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, n_threads, 1, [&](int64_t, int64_t) {
+    for (int64_t k = next.fetch_add(1, std::memory_order_relaxed); k < n_items;
+         k = next.fetch_add(1, std::memory_order_relaxed)) {
+      fn(k);
+    }
+  });
+}
+
+void lamb_step_cpu(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                   TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                   double weight_decay, bool adam_w_mode, bool grad_averaging, bool use_nvlamb, bool bias_correction,
+                   double max_grad_norm, bool maximize, double l1, double bias_correction1, double bias_correction2,
+                   const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                   const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step,
+                   const std::optional<Tensor>& grad_norm) {
+  const char* op = "lamb_step_";
+  auto tensors = check_inputs(op, at::kCPU, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  double scale;
+  if (!read_scalars(op, params, lr_tensor, grad_scale, found_inf, lr, scale)) return;
+  LambArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2, scale, 1.0,
+             maximize, grad_averaging, bias_correction};
+  read_step(op, params, step, a);
+  if (grad_norm.has_value() && !params.empty()) {
+    check_scalar_tensor(op, "grad_norm", grad_norm, params[0].device());
+    a.clip = lamb_clip(grad_norm->item<double>(), scale, max_grad_norm);
+  }
+  const LambScalars<float> hf = make_lamb<float>(lr, a);
+  const LambScalars<double> hd = make_lamb<double>(lr, a);
+  const bool has_master = !masters.empty(), masked = !masks.empty();
+  struct Item {
+    int64_t tensor, begin, n;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first(tensors.size() + 1, 0);
+  std::vector<LambFns> fns(tensors.size());
+  int64_t total = 0;
+  for (int64_t i = 0; i < int64_t(tensors.size()); ++i) {
+    first[i] = int64_t(items.size());
+    const int64_t numel = tensors[i].numel;
+    for (int64_t b = 0; b < numel; b += kChunk) items.push_back({i, b, std::min(kChunk, numel - b)});
+    fns[i] = has_master ? lamb_select_dtype<true>(tensors[i].dtype, masked, adam_w_mode)
+                        : lamb_select_dtype<false>(tensors[i].dtype, masked, adam_w_mode);
+    total += numel;
+  }
+  first[tensors.size()] = int64_t(items.size());
+  auto h_of = [&](int64_t i) -> const void* {
+    return tensors[i].dtype == at::kDouble ? static_cast<const void*>(&hd) : static_cast<const void*>(&hf);
+  };
+  std::vector<double> partial(2 * items.size(), 0.0);
+  parallel_items(items, total, [&](int64_t k) {
+    const Item& it = items[k];
+    fns[it.tensor].pass1(tensors[it.tensor], it.begin, it.n, h_of(it.tensor), &partial[2 * k]);
+  });
+  const bool trust = use_nvlamb || weight_decay != 0;
+  std::vector<double> ratio(tensors.size());
+  for (size_t i = 0; i < tensors.size(); ++i) {
+    double pn = 0, un = 0;
+    for (int64_t k = first[i]; k < first[i + 1]; ++k) {
+      pn += partial[2 * k];
+      un += partial[2 * k + 1];
+    }
+    ratio[i] = lamb_ratio(lr, std::sqrt(pn), std::sqrt(un), trust);
+  }
+  parallel_items(items, total, [&](int64_t k) {
+    const Item& it = items[k];
+    fns[it.tensor].pass2(tensors[it.tensor], it.begin, it.n, h_of(it.tensor), ratio[it.tensor]);
+  });
+}
+
+// Per-tensor L2 norms (float32 [T]; float64 sums of squares in item order), for LAMB's global gradient norm.
+Tensor l2_norms_cpu(TensorList tensors) {
+  const int64_t n = int64_t(tensors.size());
+  Tensor out = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+  if (n == 0) return out;
+  struct Item {
+    int64_t tensor, begin, n;
+  };
+  std::vector<Item> items;
+  std::vector<int64_t> first(n + 1, 0);
+  int64_t total = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const Tensor& t = tensors[i];
+    TORCH_CHECK(t.device().is_cpu(), "nnopt::l2_norms: tensors[", i, "] is on ", t.device(), ", expected cpu");
+    TORCH_CHECK(t.is_contiguous(), "nnopt::l2_norms: tensors[", i, "] must be contiguous");
+    const at::ScalarType dt = t.scalar_type();
+    TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf,
+                "nnopt::l2_norms: tensors[", i, "] has dtype ", dt, ", expected a floating dtype");
+    first[i] = int64_t(items.size());
+    for (int64_t b = 0; b < t.numel(); b += kChunk) items.push_back({i, b, std::min(kChunk, t.numel() - b)});
+    total += t.numel();
+  }
+  first[n] = int64_t(items.size());
+  std::vector<double> partial(items.size(), 0.0);
+  parallel_items(items, total, [&](int64_t k) {
+    const Item& it = items[k];
+    const Tensor& t = tensors[it.tensor];
+    double acc = 0;
+    auto sum = [&](auto* x) {
+      float s = 0;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < it.n; ++i) {
+        const float v = static_cast<float>(x[it.begin + i]);
+        s += v * v;
+      }
+      acc = s;
+    };
+    switch (t.scalar_type()) {
+      case at::kDouble: {
+        const double* x = t.data_ptr<double>();
+        double s = 0;
+#pragma omp simd reduction(+ : s)
+        for (int64_t i = 0; i < it.n; ++i) s += x[it.begin + i] * x[it.begin + i];
+        acc = s;
+        break;
+      }
+      case at::kBFloat16: sum(t.data_ptr<c10::BFloat16>()); break;
+      case at::kHalf: sum(t.data_ptr<c10::Half>()); break;
+      default: sum(t.data_ptr<float>()); break;
+    }
+    partial[k] = acc;
+  });
+  float* o = out.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) {
+    double s = 0;
+    for (int64_t k = first[i]; k < first[i + 1]; ++k) s += partial[k];
+    o[i] = float(std::sqrt(s));
+  }
+  return out;
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -493,6 +866,12 @@ TORCH_LIBRARY_IMPL(nnopt, CPU, m) {
   m.impl("adam_step_", &nnopt::adam_step_cpu);
   m.impl("adagrad_step_", &nnopt::adagrad_step_cpu);
   m.impl("rmsprop_step_", &nnopt::rmsprop_step_cpu);
+  m.impl("nadam_step_", &nnopt::nadam_step_cpu);
+  m.impl("radam_step_", &nnopt::radam_step_cpu);
+  m.impl("adamax_step_", &nnopt::adamax_step_cpu);
+  m.impl("lion_step_", &nnopt::lion_step_cpu);
+  m.impl("lamb_step_", &nnopt::lamb_step_cpu);
+  m.impl("l2_norms", &nnopt::l2_norms_cpu);
 }
 
 // With empty lists the dispatcher has no tensor to pick a backend from; these kernels make that call the no-op it
@@ -529,6 +908,39 @@ void rmsprop_step_empty(TensorList params, TensorList, TensorList, TensorList, T
   check_no_backend("rmsprop_step_", params);
 }
 
+void nadam_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                      double, double, double, bool, bool, double, double, double, double, double, double,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  check_no_backend("nadam_step_", params);
+}
+
+void radam_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                      double, double, double, bool, bool, double, double, double, double,
+                      const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                      const std::optional<Tensor>&) {
+  check_no_backend("radam_step_", params);
+}
+
+void adamax_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                       double, double, double, bool, double, double, const std::optional<Tensor>&,
+                       const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  check_no_backend("adamax_step_", params);
+}
+
+void lamb_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, TensorList, double, double,
+                     double, double, double, bool, bool, bool, bool, double, bool, double, double, double,
+                     const std::optional<Tensor>&, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&, const std::optional<Tensor>&) {
+  check_no_backend("lamb_step_", params);
+}
+
+void lion_step_empty(TensorList params, TensorList, TensorList, TensorList, TensorList, double, double, double, double,
+                     bool, double, const std::optional<Tensor>&, const std::optional<Tensor>&,
+                     const std::optional<Tensor>&) {
+  check_no_backend("lion_step_", params);
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -537,4 +949,9 @@ TORCH_LIBRARY_IMPL(nnopt, CompositeExplicitAutograd, m) {
   m.impl("adam_step_", &nnopt::adam_step_empty);
   m.impl("adagrad_step_", &nnopt::adagrad_step_empty);
   m.impl("rmsprop_step_", &nnopt::rmsprop_step_empty);
+  m.impl("nadam_step_", &nnopt::nadam_step_empty);
+  m.impl("radam_step_", &nnopt::radam_step_empty);
+  m.impl("adamax_step_", &nnopt::adamax_step_empty);
+  m.impl("lion_step_", &nnopt::lion_step_empty);
+  m.impl("lamb_step_", &nnopt::lamb_step_empty);
 }

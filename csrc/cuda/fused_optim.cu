@@ -1,4 +1,5 @@
-// CUDA kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_).
+// CUDA kernels of the fused optimizer steps (nnopt::sgd_step_, adam_step_, adagrad_step_, rmsprop_step_, nadam_step_,
+// radam_step_, adamax_step_, lion_step_).
 //
 // Math: csrc/include/nnopt/optim_math.h (shared with the CPU); conventions: csrc/ops.cpp; oracle:
 // nnopt/reference/fused_optim.py. Every op is one launch of the shared multi-tensor launcher
@@ -80,6 +81,25 @@ struct RmspropOp {
   }
 };
 
+// NAdam, RAdam, Adamax (two states) and Lion (one).
+#define NNOPT_CUDA_OP(NAME, ARGS, SCALARS, MAKE, CALL)                                                         \
+  struct NAME {                                                                                               \
+    using Args = ARGS;                                                                                        \
+    template <typename T>                                                                                     \
+    __device__ static SCALARS<T> make(double lr, const Args& a) { return MAKE<T>(lr, a); }                   \
+    template <typename T>                                                                                     \
+    __device__ static void update(T& p, T g, T& s0, T& s1, T&, bool keep, const SCALARS<T>& h,               \
+                                  const RuntimeFlags& f) {                                                    \
+      CALL;                                                                                                   \
+    }                                                                                                         \
+  };
+
+NNOPT_CUDA_OP(NadamOp, NadamArgs, NadamScalars, make_nadam, nadam_update(p, g, s0, s1, keep, h, f))
+NNOPT_CUDA_OP(RadamOp, RadamArgs, RadamScalars, make_radam, radam_update(p, g, s0, s1, keep, h, f))
+NNOPT_CUDA_OP(AdamaxOp, AdamaxArgs, AdamaxScalars, make_adamax, adamax_update(p, g, s0, s1, keep, h, f))
+NNOPT_CUDA_OP(LionOp, LionArgs, LionScalars, make_lion, (void)s1; lion_update(p, g, s0, keep, h, f))
+#undef NNOPT_CUDA_OP
+
 // A one-element device tensor read in the kernel: float32 or float64 (others are converted first).
 struct DeviceScalar {
   const void* ptr = nullptr;
@@ -129,12 +149,14 @@ struct OptimFunctor {
   DeviceScalar grad_scale;
   DeviceScalar step;  // device-resident step count: the count-derived scalars are computed here
   RuntimeFlags flags;
+  DeviceScalar aux;  // NAdam's device-resident mu_product
 
   __device__ void operator()(const TensorPtrs& t, int64_t start, int64_t n) const {
     using C = compute_t<P>;
     using S = std::conditional_t<Master, float, P>;
     typename Op::Args a = args;
     a.grad_scale = grad_scale.get(1.0);
+    if (aux.ptr != nullptr) set_aux(a, aux.get(0.0));
     if (step.ptr != nullptr) set_step(a, step.get(0.0));
     const auto h = Op::template make<C>(lr.get(args.lr), a);
 
@@ -189,8 +211,8 @@ struct OptimFunctor {
 // The one-element tensors as the kernels read them. Converted copies (other dtypes) are held here until the
 // launch is queued; the caching allocator keeps their memory for the stream.
 struct Scalars {
-  Tensor lr_keep, scale_keep, inf_keep, step_keep;
-  DeviceScalar lr, grad_scale, step;
+  Tensor lr_keep, scale_keep, inf_keep, step_keep, aux_keep;
+  DeviceScalar lr, grad_scale, step, aux;
   const float* found_inf = nullptr;
 };
 
@@ -225,7 +247,7 @@ Scalars prepare_scalars(const char* op, TensorList params, const std::optional<T
 template <typename Op, typename P, bool Master>
 void launch_typed(const std::vector<TensorPtrs>& metas, at::Device device, const typename Op::Args& args,
                   const RuntimeFlags& flags, const Scalars& sc) {
-  OptimFunctor<Op, P, Master> f{args, sc.lr, sc.grad_scale, sc.step, flags};
+  OptimFunctor<Op, P, Master> f{args, sc.lr, sc.grad_scale, sc.step, flags, sc.aux};
   cuda::multi_tensor_apply(metas, device, sc.found_inf, f);
 }
 
@@ -331,6 +353,75 @@ void rmsprop_step_cuda(TensorList params, TensorList grads, TensorList square_av
   launch<RmspropOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
 }
 
+void nadam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, bool decoupled, bool maximize, double l1, double momentum_decay,
+                     double bias_correction2, double mu, double mu_next, double mu_product,
+                     const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                     const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step,
+                     const std::optional<Tensor>& mu_product_tensor) {
+  const char* op = "nadam_step_";
+  auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
+  check_scalar_tensor(op, "mu_product_tensor", mu_product_tensor, params[0].device());
+  sc.aux = device_scalar(mu_product_tensor, sc.aux_keep);
+  const NadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, momentum_decay, bias_correction2, mu, mu_next,
+                    mu_product, 1.0, maximize};
+  const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? (decoupled ? 2 : 1) : 0, false, false};
+  launch<NadamOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
+}
+
+void radam_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                     TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                     double weight_decay, bool decoupled, bool maximize, double l1, double bias_correction1,
+                     double bias_correction2_sqrt, double rect, const std::optional<Tensor>& lr_tensor,
+                     const std::optional<Tensor>& grad_scale, const std::optional<Tensor>& found_inf,
+                     const std::optional<Tensor>& step) {
+  const char* op = "radam_step_";
+  auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
+  const RadamArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2_sqrt, rect, 1.0,
+                    maximize};
+  const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? (decoupled ? 2 : 1) : 0, false, false};
+  launch<RadamOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
+}
+
+void adamax_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_infs,
+                      TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                      double weight_decay, bool maximize, double l1, double bias_correction1,
+                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                      const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
+  const char* op = "adamax_step_";
+  auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_infs", exp_infs, true}});
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
+  const AdamaxArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, 1.0, maximize};
+  const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? 1 : 0, false, false};
+  launch<AdamaxOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
+}
+
+void lion_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList masters, TensorList masks,
+                    double lr, double beta1, double beta2, double weight_decay, bool maximize, double l1,
+                    const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf) {
+  const char* op = "lion_step_";
+  auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks, {{"exp_avgs", exp_avgs, true}});
+  if (params.empty()) return;
+  c10::cuda::CUDAGuard guard(params[0].device());
+  const Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf);
+  const LionArgs a{lr, beta1, beta2, weight_decay, l1, 1.0, maximize};
+  const RuntimeFlags f{!masks.empty(), weight_decay != 0 ? 1 : 0, false, false};
+  launch<LionOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -339,4 +430,8 @@ TORCH_LIBRARY_IMPL(nnopt, CUDA, m) {
   m.impl("adam_step_", &nnopt::adam_step_cuda);
   m.impl("adagrad_step_", &nnopt::adagrad_step_cuda);
   m.impl("rmsprop_step_", &nnopt::rmsprop_step_cuda);
+  m.impl("nadam_step_", &nnopt::nadam_step_cuda);
+  m.impl("radam_step_", &nnopt::radam_step_cuda);
+  m.impl("adamax_step_", &nnopt::adamax_step_cuda);
+  m.impl("lion_step_", &nnopt::lion_step_cuda);
 }

@@ -173,3 +173,174 @@ def rmsprop_step(params, grads, square_avgs, momentum_buffers, grad_avgs, master
         else:
             p = p.addcdiv(g, avg, value=-lr)
         _epilogue(i, p, states, lr, l1, params, masters, mask)
+
+
+# NAdam, RAdam, Adamax (torch.optim's for-loop path) and Lion (Chen et al. 2023), per element:
+#
+# NAdam   wd as Adam;  m = lerp(m, g, 1-beta1);  v = v*beta2 + (1-beta2)*g*g;  denom = sqrt(v/bc2) + eps;
+#         p += (-lr*(1-mu)/(1-mu_product)) * g/denom;  p += (-lr*mu_next/(1-mu_product*mu_next)) * m/denom
+# RAdam   wd as Adam;  m, v as Adam;  x = (m/bc1)*lr;
+#         p -= (x * (1/(sqrt(v)+eps))*bc2_sqrt) * rect  (rect > 0: rho_t > 5)   or   p -= x
+# Adamax  g += wd*p;  m = lerp(m, g, 1-beta1);  u = max(u*beta2, |g| + eps);  p += -(lr/bc1) * m/u
+# Lion    p *= 1 - lr*wd;  p -= lr * sign(beta1*m + (1-beta1)*g);  m = beta2*m + (1-beta2)*g
+
+
+def nadam_scalars(beta1, beta2, momentum_decay, step):
+    """(bias_correction2, mu, mu_next) for step count ``step``, as torch.optim.NAdam computes them."""
+    mu = beta1 * (1.0 - 0.5 * (0.96 ** (step * momentum_decay)))
+    mu_next = beta1 * (1.0 - 0.5 * (0.96 ** ((step + 1) * momentum_decay)))
+    return 1 - beta2**step, mu, mu_next
+
+
+def radam_scalars(beta1, beta2, step):
+    """(bias_correction1, bias_correction2_sqrt, rect) for step count ``step``, as torch.optim.RAdam computes
+    them; rect is 0.0 when rho_t <= 5 (the unrectified branch)."""
+    bc1, bc2 = 1 - beta1**step, 1 - beta2**step
+    rho_inf = 2 / (1 - beta2) - 1
+    rho_t = rho_inf - 2 * step * (beta2**step) / bc2
+    rect = 0.0
+    if rho_t > 5.0:
+        rect = ((rho_t - 4) * (rho_t - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho_t)) ** 0.5
+    return bc1, bc2**0.5, rect
+
+
+def _adam_like_prologue(i, params, grads, masters, masks, grad_scale, maximize, lr, weight_decay, decoupled):
+    p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+    if weight_decay != 0:
+        if decoupled:
+            p = p.mul(1 - lr * weight_decay)
+        else:
+            g = g.add(p, alpha=weight_decay)
+    return p, g, mask
+
+
+def nadam_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+               decoupled, maximize, l1, momentum_decay, bias_correction2, mu, mu_next, mu_product, lr_tensor=None,
+               grad_scale=None, found_inf=None, step=None, mu_product_tensor=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    if step is not None:
+        bias_correction2, mu, mu_next = nadam_scalars(beta1, beta2, momentum_decay, _step(step))
+    if mu_product_tensor is not None:
+        mu_product = _step(mu_product_tensor)
+    c_grad = -lr * (1.0 - mu) / (1.0 - mu_product)
+    c_avg = (-lr * mu_next) / (1.0 - mu_product * mu_next)
+    for i in range(len(params)):
+        p, g, mask = _adam_like_prologue(i, params, grads, masters, masks, grad_scale, maximize, lr, weight_decay,
+                                         decoupled)
+        m = _lerp(exp_avgs[i].to(g.dtype), g, 1 - beta1)
+        v = exp_avg_sqs[i].to(g.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        denom = v.div(bias_correction2).sqrt().add_(eps)
+        p = p.addcdiv(g, denom, value=c_grad).addcdiv_(m, denom, value=c_avg)
+        _epilogue(i, p, [(exp_avgs[i], m), (exp_avg_sqs[i], v)], lr, l1, params, masters, mask)
+
+
+def radam_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+               decoupled, maximize, l1, bias_correction1, bias_correction2_sqrt, rect, lr_tensor=None,
+               grad_scale=None, found_inf=None, step=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    if step is not None:
+        bias_correction1, bias_correction2_sqrt, rect = radam_scalars(beta1, beta2, _step(step))
+    for i in range(len(params)):
+        p, g, mask = _adam_like_prologue(i, params, grads, masters, masks, grad_scale, maximize, lr, weight_decay,
+                                         decoupled)
+        m = _lerp(exp_avgs[i].to(g.dtype), g, 1 - beta1)
+        v = exp_avg_sqs[i].to(g.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        x = m / bias_correction1 * lr
+        if rect > 0:
+            x = x * (bias_correction2_sqrt / v.sqrt().add_(eps)) * rect
+        p = p.add(x, alpha=-1.0)
+        _epilogue(i, p, [(exp_avgs[i], m), (exp_avg_sqs[i], v)], lr, l1, params, masters, mask)
+
+
+def adamax_step(params, grads, exp_avgs, exp_infs, masters, masks, *, lr, beta1, beta2, eps, weight_decay, maximize,
+                l1, bias_correction1, lr_tensor=None, grad_scale=None, found_inf=None, step=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    if step is not None:
+        bias_correction1 = 1 - beta1 ** _step(step)
+    clr = lr / bias_correction1
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        if weight_decay != 0:
+            g = g.add(p, alpha=weight_decay)
+        m = _lerp(exp_avgs[i].to(g.dtype), g, 1 - beta1)
+        u = torch.maximum(exp_infs[i].to(g.dtype).mul(beta2), g.abs().add_(eps))
+        p = p.addcdiv(m, u, value=-clr)
+        _epilogue(i, p, [(exp_avgs[i], m), (exp_infs[i], u)], lr, l1, params, masters, mask)
+
+
+def lion_step(params, grads, exp_avgs, masters, masks, *, lr, beta1, beta2, weight_decay, maximize, l1,
+              lr_tensor=None, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        if weight_decay != 0:
+            p = p.mul(1 - lr * weight_decay)
+        m = exp_avgs[i].to(g.dtype)
+        p = p.add(m.mul(beta1).add_(g, alpha=1 - beta1).sign_(), alpha=-lr)
+        m = m.mul(beta2).add_(g, alpha=1 - beta2)
+        _epilogue(i, p, [(exp_avgs[i], m)], lr, l1, params, masters, mask)
+
+
+# LAMB (You et al. 2020) as apex's FusedLAMB. g /= clip, clip = ||g_all|| / max_grad_norm when that exceeds 1
+# (||g_all||: the global norm of every gradient of the optimizer, unscaled);
+#   L2 mode: g += wd*p;  m = beta1*m + beta3*g (beta3 = 1-beta1 with grad_averaging, else 1);
+#   v = beta2*v + (1-beta2)*g*g;  u = (m/bc1) / (sqrt(v/bc2) + eps)  (+ wd*p in adam_w_mode);
+#   ratio = lr * ||p|| / ||u|| when both are nonzero and (wd != 0 or use_nvlamb), else lr;  p -= ratio * u.
+# Masked entries count as 0 in u and in both norms.
+
+
+def l2_norms(tensors):
+    """Per-tensor L2 norms, float32 [len(tensors)] (sums of squares in float64)."""
+    return torch.stack([t.detach().to(torch.float64).pow(2).sum().sqrt() for t in tensors]).to(torch.float32)
+
+
+def lamb_clip(grad_norm, grad_scale, max_grad_norm):
+    """The divisor of the gradients from the global norm of the scaled gradients (a float)."""
+    if grad_norm is None:
+        return 1.0
+    norm = grad_norm.reshape(()).to(torch.float64).item()
+    if grad_scale is not None:
+        norm = norm / grad_scale.reshape(()).to(torch.float64).item()
+    return norm / max_grad_norm if max_grad_norm > 0 and norm > max_grad_norm else 1.0
+
+
+def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+              adam_w_mode, grad_averaging, use_nvlamb, bias_correction, max_grad_norm, maximize, l1, bias_correction1,
+              bias_correction2, lr_tensor=None, grad_scale=None, found_inf=None, step=None, grad_norm=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    if step is not None:
+        s = _step(step)
+        bias_correction1, bias_correction2 = (1 - beta1**s, 1 - beta2**s) if bias_correction else (1.0, 1.0)
+    clip = lamb_clip(grad_norm, grad_scale, max_grad_norm)
+    beta3 = 1 - beta1 if grad_averaging else 1.0
+    trust = use_nvlamb or weight_decay != 0
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        g = g / clip
+        if not adam_w_mode:
+            g = g.add(p, alpha=weight_decay)
+        m = exp_avgs[i].to(g.dtype).mul(beta1).add_(g, alpha=beta3)
+        v = exp_avg_sqs[i].to(g.dtype).mul(beta2).addcmul_(g, g, value=1 - beta2)
+        if mask is not None:
+            m, v = m.masked_fill(~mask, 0), v.masked_fill(~mask, 0)
+        u = (m / bias_correction1) / ((v / bias_correction2).sqrt() + eps)
+        if adam_w_mode:
+            u = u.add(p, alpha=weight_decay)
+        pk = p
+        if mask is not None:
+            u, pk = u.masked_fill(~mask, 0), p.masked_fill(~mask, 0)
+        p_norm = pk.to(torch.float64).norm().item()
+        u_norm = u.to(torch.float64).norm().item()
+        ratio = lr * (p_norm / u_norm) if trust and p_norm != 0 and u_norm != 0 else lr
+        p = p.add(u, alpha=-ratio)
+        _epilogue(i, p, [(exp_avgs[i], m), (exp_avg_sqs[i], v)], lr, l1, params, masters, mask)

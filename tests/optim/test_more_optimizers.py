@@ -1,0 +1,319 @@
+"""NAdam, RAdam, Adamax (against torch.optim's for-loop path) and Lion (against a plain-torch reference written from
+the paper) × options × every backend available here, with the harness of test_optimizers.py: odd sizes, a scalar,
+transposed and strided views, fresh gradients each step, parameters and every state compared."""
+
+import copy
+
+import pytest
+import torch
+
+import nnopt.optim as nno
+from nnopt import sparsity
+from nnopt.testing import assert_close
+from tests.conftest import skip_unless_available
+from tests.optim.test_optimizers import STEPS, assert_same_state, clone_params, make_params, set_grads
+
+
+class PaperLion(torch.optim.Optimizer):
+    """Lion as Algorithm 2 of Chen et al. 2023 states it (decoupled weight decay scaled by lr), in plain torch."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, maximize=False):
+        super().__init__(params, dict(lr=lr, betas=betas, weight_decay=weight_decay, maximize=maximize))
+
+    @torch.no_grad()
+    def step(self):
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            lr = float(group["lr"])
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                g = -p.grad if group["maximize"] else p.grad
+                m = self.state[p].setdefault("exp_avg", torch.zeros_like(p))
+                update = m.mul(beta1).add(g, alpha=1 - beta1).sign()
+                p.mul_(1 - lr * group["weight_decay"]).add_(update, alpha=-lr)
+                m.mul_(beta2).add_(g, alpha=1 - beta2)
+
+
+class ApexLAMB(torch.optim.Optimizer):
+    """LAMB as apex's FusedLAMB documents and computes it (csrc/multi_tensor_lamb.cu), in plain torch: global
+    gradient-norm clipping over all groups, Adam moments, the per-tensor trust ratio ||p||/||u|| (lr when either
+    norm is 0, or without weight decay unless use_nvlamb)."""
+
+    def __init__(self, params, lr=1e-3, bias_correction=True, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01,
+                 adam_w_mode=True, grad_averaging=True, max_grad_norm=1.0, use_nvlamb=False):
+        super().__init__(params, dict(lr=lr, bias_correction=bias_correction, betas=betas, eps=eps,
+                                      weight_decay=weight_decay, grad_averaging=grad_averaging,
+                                      max_grad_norm=max_grad_norm))
+        self.adam_w_mode, self.use_nvlamb = adam_w_mode, use_nvlamb
+
+    @torch.no_grad()
+    def step(self):
+        grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
+        global_norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+        max_norm = self.defaults["max_grad_norm"]
+        clip = float(global_norm / max_norm) if max_norm > 0 and global_norm > max_norm else 1.0
+        for group in self.param_groups:
+            beta1, beta2 = group["betas"]
+            beta3 = 1 - beta1 if group["grad_averaging"] else 1.0
+            lr, wd = float(group["lr"]), group["weight_decay"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                st = self.state[p]
+                if not st:
+                    st.update(step=torch.tensor(0.0), exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                st["step"] += 1
+                bc1 = 1 - beta1 ** float(st["step"]) if group["bias_correction"] else 1.0
+                bc2 = 1 - beta2 ** float(st["step"]) if group["bias_correction"] else 1.0
+                g = p.grad / clip
+                if not self.adam_w_mode:
+                    g = g + wd * p
+                m, v = st["exp_avg"], st["exp_avg_sq"]
+                m.mul_(beta1).add_(g, alpha=beta3)
+                v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+                u = (m / bc1) / ((v / bc2).sqrt() + group["eps"])
+                if self.adam_w_mode:
+                    u = u + wd * p
+                p_norm, u_norm = float(p.norm()), float(u.norm())
+                ratio = lr
+                if (self.use_nvlamb or wd != 0) and p_norm != 0 and u_norm != 0:
+                    ratio = lr * p_norm / u_norm
+                p.add_(u, alpha=-ratio)
+
+
+# (optimizer name, constructor kwargs): each option at least once.
+CONFIGS = [
+    ("NAdam", dict(lr=0.01)),
+    ("NAdam", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, momentum_decay=0.05, maximize=True)),
+    ("NAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4)),
+    ("RAdam", dict(lr=0.01)),
+    ("RAdam", dict(lr=0.01, betas=(0.8, 0.9), weight_decay=0.1, maximize=True)),
+    ("RAdam", dict(lr=0.01, weight_decay=0.1, decoupled_weight_decay=True, eps=1e-4)),
+    ("Adamax", dict(lr=0.01)),
+    ("Adamax", dict(lr=0.01, betas=(0.5, 0.9), weight_decay=0.1, eps=1e-3, maximize=True)),
+    ("Lion", dict(lr=0.01)),
+    ("Lion", dict(lr=0.01, betas=(0.8, 0.95), weight_decay=0.5, maximize=True)),
+    ("LAMB", dict(lr=0.01)),
+    ("LAMB", dict(lr=0.01, adam_w_mode=False, weight_decay=0.1, max_grad_norm=0.5, grad_averaging=False)),
+    ("LAMB", dict(lr=0.01, weight_decay=0.0, max_grad_norm=0.0, bias_correction=False, betas=(0.8, 0.9))),
+    ("LAMB", dict(lr=0.01, weight_decay=0.0, use_nvlamb=True, max_grad_norm=100.0)),
+]
+IDS = [f"{n}-{'-'.join(f'{k}={v}' for k, v in kw.items())}" for n, kw in CONFIGS]
+BACKENDS = ["triton", "cpu", "torch"]
+TORCH_HAS = ("NAdam", "RAdam", "Adamax")
+NAMES = ["NAdam", "RAdam", "Adamax", "Lion", "LAMB"]
+
+
+def twin(name, params, kwargs):
+    """The oracle: torch.optim's for-loop path, or the paper's plain-torch Lion."""
+    if name == "Lion":
+        return PaperLion(params, **kwargs)
+    if name == "LAMB":
+        return ApexLAMB(params, **kwargs)
+    return getattr(torch.optim, name)(params, foreach=False, **kwargs)
+
+
+def run_pair(ours, ref, ps, qs, steps=STEPS):
+    for _ in range(steps):
+        set_grads(ps, qs)
+        ours.step()
+        ref.step()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_matches_torch(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params(backend)
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps, backend=backend, **kwargs), twin(name, qs, kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float64_and_complex(name):
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(), (5, 3), (33,)]]
+    if name in TORCH_HAS:  # the papers' Lion and LAMB have no complex form
+        ps.append(torch.nn.Parameter(torch.randn(7, dtype=torch.complex64)))
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps, lr=0.01), twin(name, qs, dict(lr=0.01))
+    run_pair(ours, ref, ps, qs)
+    for p, q in zip(ps, qs):
+        assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("name", NAMES)
+def test_schedulers_tensor_lr_and_late_groups(name, backend):
+    skip_unless_available(backend, "cpu")
+    kwargs = dict(lr=torch.tensor(0.05))
+    ps = make_params("triton")
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps[:3], backend=backend, **kwargs), twin(name, qs[:3], kwargs)
+    sched = [torch.optim.lr_scheduler.ExponentialLR(o, gamma=0.7) for o in (ours, ref)]
+    for step in range(STEPS):
+        if step == 3:
+            ours.add_param_group({"params": ps[3:], "lr": 0.02})
+            ref.add_param_group({"params": qs[3:], "lr": 0.02})
+        run_pair(ours, ref, ps, qs, steps=1)
+        for s in sched:
+            s.step()
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
+@pytest.mark.parametrize("name,kwargs", [c for c in CONFIGS if c[0] in TORCH_HAS][::2])
+def test_state_dict_round_trip(name, kwargs, direction):
+    """A checkpoint of one side loads into the other (same state keys) and training continues identically."""
+    ps = make_params("triton")
+    qs = clone_params(ps)
+    first = getattr(nno, name)(ps, **kwargs) if direction == "nnopt_to_torch" else twin(name, ps, kwargs)
+    for _ in range(3):
+        set_grads(ps)
+        first.step()
+    sd = copy.deepcopy(first.state_dict())
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    second = twin(name, qs, kwargs) if direction == "nnopt_to_torch" else getattr(nno, name)(qs, **kwargs)
+    second.load_state_dict(sd)
+    assert second.state_dict()["state"][0].keys() == sd["state"][0].keys()
+    run_pair(first, second, ps, qs)
+    ours, theirs = (second, first) if direction == "torch_to_nnopt" else (first, second)
+    p_ours, p_theirs = (qs, ps) if direction == "torch_to_nnopt" else (ps, qs)
+    assert_same_state(ours, theirs, p_ours, p_theirs)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name,kwargs", CONFIGS[1::2], ids=IDS[1::2])
+def test_masked_entries_stay_zero(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params("triton")
+    masks = [torch.rand(p.shape) > 0.4 for p in ps]
+    opt = getattr(nno, name)(ps, backend=backend, **kwargs)
+    set_grads(ps)
+    opt.step()  # states exist and are nonzero before the masks arrive
+    for p, m in zip(ps, masks):
+        sparsity.set_mask(p, m)
+    qs = clone_params(ps)
+    ref = getattr(nno, name)(qs, backend="torch", **kwargs)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, m in zip(qs, masks):
+        sparsity.set_mask(q, m)
+    run_pair(opt, ref, ps, qs)
+    for p, m in zip(ps, masks):
+        assert (p[~m] == 0).all()
+        for k, v in opt.state[p].items():
+            if k not in ("step", "mu_product"):
+                assert (v[~m] == 0).all(), k
+    assert_same_state(opt, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS[::3], ids=IDS[::3])
+def test_l1_matches_reference(name, kwargs, backend):
+    skip_unless_available(backend, "cpu")
+    ps = make_params("triton")
+    qs = clone_params(ps)
+    l1 = 0.02 / kwargs["lr"]
+    ours = getattr(nno, name)(ps, backend=backend, l1=l1, **kwargs)
+    ref = getattr(nno, name)(qs, backend="torch", l1=l1, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("name", NAMES)
+def test_master_weights(name, backend):
+    """bf16 params with fp32 masters, given bf16 gradients, track an fp32 run of the oracle from the same start with
+    the same gradients: the master to fp32 rounding, the parameter to its bf16 rounding."""
+    skip_unless_available(backend, "cpu")
+    dtype = torch.bfloat16
+    ps32 = make_params("triton")
+    ps = [torch.nn.Parameter(p.detach().to(dtype)) for p in ps32]
+    qs = [torch.nn.Parameter(p.detach().to(dtype).float()) for p in ps32]
+    ours = getattr(nno, name)(ps, backend=backend, master_weights=True, lr=0.01)
+    ref = twin(name, qs, dict(lr=0.01))
+    for _ in range(STEPS):
+        set_grads(ps)
+        for p, q in zip(ps, qs):
+            q.grad = p.grad.float()
+        ours.step()
+        ref.step()
+    for p, q in zip(ps, qs):
+        master = ours.state[p]["master_param"]
+        assert master.dtype == torch.float32
+        assert_close(master, q.detach())
+        assert torch.equal(p.detach(), master.to(dtype))
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+@pytest.mark.parametrize("name", NAMES)
+def test_grad_scaler_skips_non_finite_step(name, backend):
+    skip_unless_available(backend, "cpu")
+    model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
+    twin_model = copy.deepcopy(model)
+    ours = getattr(nno, name)(model.parameters(), backend=backend, lr=0.05)
+    ref = twin(name, list(twin_model.parameters()), dict(lr=0.05))
+    scalers = [torch.amp.GradScaler("cpu", init_scale=2.0**8) for _ in range(2)]
+    x, y = torch.randn(8, 6), torch.randn(8, 2)
+    for step in range(6):
+        for m, o, s in ((model, ours, scalers[0]), (twin_model, ref, scalers[1])):
+            o.zero_grad()
+            s.scale(torch.nn.functional.mse_loss(m(x), y)).backward()
+            if step == 3:
+                next(m.parameters()).grad[0, 0] = float("inf")
+                before = [p.detach().clone() for p in m.parameters()]
+                states = copy.deepcopy(o.state_dict()["state"])
+            s.step(o)
+            s.update()
+            if step == 3:
+                assert all(torch.equal(a, b) for a, b in zip(before, m.parameters()))
+                after = o.state_dict()["state"]
+                for k in states:
+                    for key, v in states[k].items():
+                        assert torch.equal(v, after[k][key]), key
+    for a, b in zip(model.parameters(), twin_model.parameters()):
+        assert_close(a.detach(), b.detach())
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bad_arguments_raise_torchs_messages(name):
+    cls = getattr(nno, name)
+    p = [torch.nn.Parameter(torch.randn(3))]
+    with pytest.raises(ValueError, match="Invalid learning rate: -1.0"):
+        cls(p, lr=-1.0)
+    with pytest.raises(ValueError, match="Tensor lr must be 1-element"):
+        cls(p, lr=torch.tensor([0.1, 0.2]))
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 0: 1.0"):
+        cls(p, betas=(1.0, 0.9))
+    with pytest.raises(ValueError, match="Invalid beta parameter at index 1: -0.1"):
+        cls(p, betas=(0.9, -0.1))
+    with pytest.raises(ValueError, match="Invalid weight_decay value: -0.1"):
+        cls(p, weight_decay=-0.1)
+    if name != "Lion":
+        with pytest.raises(ValueError, match="Invalid epsilon value: -1.0"):
+            cls(p, eps=-1.0)
+    if name == "NAdam":
+        with pytest.raises(ValueError, match="Invalid momentum_decay value: -1.0"):
+            cls(p, momentum_decay=-1.0)
+    emb = torch.nn.Embedding(4, 2, sparse=True)
+    emb(torch.tensor([1])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        cls(emb.parameters()).step()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("name,kwargs", CONFIGS, ids=IDS)
+def test_matches_torch_on_cuda(name, kwargs, backend):
+    """On a GPU: parity with the oracle on CUDA tensors (device step counts and NAdam's device mu_product)."""
+    skip_unless_available(backend, "cuda")
+    ps = make_params(backend, device="cuda")
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps, backend=backend, **kwargs), twin(name, qs, kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
