@@ -83,11 +83,16 @@ def test_demo_lm_quick_end_to_end(tmp_path):
     assert f"report: {tmp_path / 'lm' / 'report.md'}" in out.stdout
     res = json.loads((tmp_path / "lm" / "results.json").read_text())
     assert {r["optimizer"] for r in res["train"]} >= {"torch.optim.AdamW", "nnopt AdamW"}
+    grow = res["grow"]
+    assert grow["relative_deviation"] < 1e-4  # function-preserving growth (a little noise breaks the symmetry)
+    grown, scratch = grow["rows"]
+    assert grown["params"] == scratch["params"] and grown["curve"][0][1] < scratch["curve"][0][1]
     assert all(math.isfinite(r["perplexity"]) and r["perplexity"] > 1 for r in res["train"] + res["prune"])
     dense = next(r["perplexity"] for r in res["prune"] if r["method"] == "dense")
     for r in res["prune"]:
         want = {"50%": 0.5, "2:4": 0.5, "90% 32×32 blocks": 0.9, "-": 0.0}[r["pattern"]]
-        assert abs(r["sparsity"] - want) < 0.01, r
+        # blocks: a layer's block count times 0.9 is rounded to whole blocks, so small layers land a little below
+        assert abs(r["sparsity"] - want) < (0.02 if want == 0.9 else 1e-3), r
         assert r["perplexity"] >= dense * (0.98 if want < 0.9 else 1.0), r  # pruning never helps much
     rec = res["recover"]
     assert rec["sparsity_after"] >= 0.89 and max(rec["fine_tuned"], rec["distilled"]) < rec["before"]
@@ -96,7 +101,7 @@ def test_demo_lm_quick_end_to_end(tmp_path):
     assert set(res["serve"]["samples"]) == {"dense", "sparse"}
     assert len(res["plots"]) == 3 and all(is_png(tmp_path / "lm" / p) for p in res["plots"])
     md = (tmp_path / "lm" / "report.md").read_text()
-    for section in ("Training", "pruning", "Recovering", "Serving", "Samples"):
+    for section in ("Training", "Growth", "pruning", "Recovering", "Serving", "Samples"):
         assert section in md
 
 

@@ -24,7 +24,7 @@ from nnopt import layers
 from nnopt import nn as nnn
 from nnopt.demo import lm
 from nnopt.demo.progress import Progress
-from nnopt.transfer import DistillationLoss
+from nnopt.transfer import DistillationLoss, insert_block, widen_mlp
 
 IGNORE = -100
 
@@ -37,10 +37,10 @@ def sizes(quick, device):
         run = dict(steps=600, batch=32, grow_steps=200, recover_steps=150, calib=128, eval_windows=128, gen=64)
     elif quick:
         model = dict(d_model=128, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=512, seq_len=64)
-        run = dict(steps=60, batch=16, grow_steps=20, recover_steps=20, calib=16, eval_windows=32, gen=16)
+        run = dict(steps=250, batch=16, grow_steps=40, recover_steps=30, calib=16, eval_windows=32, gen=16)
     else:
         model = dict(d_model=256, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=1024, seq_len=128)
-        run = dict(steps=200, batch=16, grow_steps=60, recover_steps=60, calib=64, eval_windows=64, gen=32)
+        run = dict(steps=600, batch=16, grow_steps=100, recover_steps=80, calib=64, eval_windows=64, gen=32)
     if quick and device == "cuda":
         run.update(steps=200, grow_steps=60, recover_steps=60)
     return model, run
@@ -114,6 +114,31 @@ def train(corpus, cfg):
     return rows, teacher
 
 
+def grow(teacher, corpus, cfg):
+    """Stage 2: the trained model with one more block (identity at insertion) and a 1.5x wider MLP (Net2Net, with a
+    little noise to break the replicas' symmetry), trained on beside a model of the grown size from scratch."""
+    mcfg, steps = cfg["model"], cfg["run"]["grow_steps"]
+    wide, wrep = widen_mlp(teacher, mcfg["d_ff"] * 3 // 2, noise=1e-3, generator=torch.Generator().manual_seed(0))
+    grown, drep = insert_block(wide, mcfg["n_layers"])
+    probe = cfg["eval"][:4].to(cfg["device"])
+    with torch.no_grad():
+        teacher.eval(), grown.eval()
+        before, after = teacher(input_ids=probe).logits, grown(input_ids=probe).logits
+    deviation = float((after - before).abs().max() / before.abs().max())
+    start_ppl = perplexity(grown, cfg)
+    rows = []
+    big = dict(mcfg, n_layers=mcfg["n_layers"] + 1, d_ff=mcfg["d_ff"] * 3 // 2)
+    scratch = lm.build(cfg["kind"], seed=1, **big).to(cfg["device"])
+    for name, model in ((f"grown from the trained model (+{cfg['run']['steps']} steps before)", grown),
+                        ("same size, from scratch", scratch)):
+        opt = nno.AdamW(model.parameters(), lr=3e-3, weight_decay=0.01, backend=cfg["backend"])
+        curve, _ = _train(model, opt, corpus, steps, name.split(" (")[0], cfg, seed=3)
+        rows.append(dict(model=name, params=sum(p.numel() for p in model.parameters()), curve=curve,
+                         perplexity=perplexity(model, cfg)))
+    return dict(rows=rows, relative_deviation=deviation, perplexity_at_growth=start_ppl, steps=steps,
+                report=f"{wrep}\n{drep}", sizes=big)
+
+
 def _calibration(corpus, cfg):
     """Calibration windows from the training split (seeded), as a list of model inputs."""
     gen = torch.Generator().manual_seed(123)
@@ -138,7 +163,11 @@ def pruning(teacher, corpus, cfg):
     """Stage 3. Returns (rows, the 90%-block model of the best method)."""
     rows = [dict(method="dense", pattern="-", sparsity=0.0, perplexity=perplexity(teacher, cfg))]
     best90 = None
-    methods = [("magnitude", lambda m, pat, amt: _magnitude(m, pat, amt))]
+    calib = _calibration(corpus, cfg)
+    methods = [("magnitude", _magnitude),
+               ("Wanda", lambda m, pat, amt: prune.wanda(m, calib, None if pat == "2:4" else amt, pattern=pat)),
+               ("SparseGPT", lambda m, pat, amt: prune.sparsegpt(m, calib, None if pat == "2:4" else amt,
+                                                                  pattern=pat))]
     total = len(methods) * len(PATTERNS)
     with Progress("one-shot pruning", total, cfg["progress"]) as bar:
         for method, fn in methods:
@@ -286,11 +315,14 @@ def run(quick, device, corpus, out, backend, steps, progress, kind="llama"):
                    torch=torch.__version__, backend=backend)
     print("\n[1/5] train the dense model")
     results["train"], teacher = train(corpus, cfg)
-    print("[2/5] one-shot pruning")
+    print("[2/5] grow")
+    results["grow"] = grow(teacher, corpus, cfg)
+    print(results["grow"]["report"])
+    print("[3/5] one-shot pruning")
     results["prune"], (_, method, sparse90) = pruning(teacher, corpus, cfg)
-    print("[3/5] recover the 90%-block model")
+    print("[4/5] recover the 90%-block model")
     results["recover"], recovered = recover(teacher, sparse90, method, corpus, cfg)
-    print("[4/5] serve")
+    print("[5/5] serve")
     results["serve"] = serve(teacher, recovered, corpus, cfg)
     results["seconds"] = time.perf_counter() - start
     print()
