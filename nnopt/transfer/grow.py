@@ -292,6 +292,17 @@ def _set_config(model, fields, sizes, notes, what):
     return done
 
 
+def _all_blocks(new, changed, notes, what, update):
+    """``update()`` (the config fields it set) when every block changed, else a note that the config is stale."""
+    total = len(find_stack(new)[1])
+    if changed == total:
+        return update()
+    if getattr(new, "config", None) is not None:
+        notes.append(f"{changed} of {total} blocks changed: their {what} differs from the other blocks' and the "
+                     "config's, so the model cannot be rebuilt from its config")
+    return {}
+
+
 def _mlps(model, layers, what, example_inputs):
     return [find_mlp(model, b, example_inputs) for b in block_names(model, layers, what)]
 
@@ -326,8 +337,8 @@ def widen_mlp(model, new_size, layers=None, *, noise=0.0, generator=None, probe=
         sizes.append(new_size)
         changes.append(f"{mlp.traced}: {n} -> {new_size} units ({', '.join(mlp.expanders)} -> {mlp.contractor}"
                        f"{', found by a traced run' if mlp.observed else ''})")
-    config = _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size") if layers is None or len(
-        mlps) == len(find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(mlps), notes, "intermediate size",
+                         lambda: _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size"))
     if noise > 0:
         notes.append(f"noise {noise:g} on the replicas' expander rows changes the function")
     return _finish(what, model, new, probe, changes, config, notes)
@@ -389,8 +400,8 @@ def narrow_mlp(model, new_size, layers=None, *, importance="magnitude", data=Non
         sizes.append(new_size)
         how = getattr(importance, "__name__", importance)
         changes.append(f"{mlp.traced}: {mlp.width} -> {new_size} units by {how}")
-    config = _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size") if len(mlps) == len(
-        find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(mlps), notes, "intermediate size",
+                         lambda: _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size"))
     return _finish(what, model, new, probe, changes, config, notes)
 
 
@@ -490,7 +501,7 @@ def add_heads(model, n, layers=None, *, generator=None, probe=None):
         after.append((heads, kv_heads))
         changes.append(f"{att.module}: {att.heads} -> {heads} query heads, {att.kv_heads} -> {kv_heads} key-value "
                        f"heads (head size {att.head_dim}; new heads' {att.o} columns zero)")
-    config = _head_config(new, after, notes) if len(atts) == len(find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(atts), notes, "head count", lambda: _head_config(new, after, notes))
     return _finish(what, model, new, probe, changes, config, notes)
 
 
@@ -561,7 +572,7 @@ def remove_heads(model, n, layers=None, *, importance="magnitude", data=None, ge
         gone = sorted(set(range(att.heads)) - set(keep))
         changes.append(f"{att.module}: removed heads {gone} by {getattr(importance, '__name__', importance)} "
                        f"({att.heads} -> {heads} query heads, {kv_heads} key-value heads)")
-    config = _head_config(new, after, notes) if len(atts) == len(find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(atts), notes, "head count", lambda: _head_config(new, after, notes))
     return _finish(what, model, new, probe, changes, config, notes)
 
 
@@ -599,6 +610,9 @@ def insert_block(model, index, *, probe=None, example_inputs=None):
     new_stack.insert(index, fresh)
     _renumber(new_stack)
     notes, config = [], {}
+    if any(getattr(m, "scale_attn_by_inverse_layer_idx", False) for m in fresh.modules()):
+        notes.append("attention scales by 1 / (layer_idx + 1) here: every block keeps the scale it was built with "
+                     "(set from its old index), so from_config would build other scales")
     cfg = getattr(new, "config", None)
     if cfg is not None:
         if hasattr(cfg, "num_hidden_layers"):

@@ -185,6 +185,7 @@ def test_remove_heads(arch):
     assert "[0, 3]" in report.changes[0]
     assert rel_change(logits(zeroed), logits(new)) <= REL
     assert report.config == {}  # one block changed: the config cannot say it
+    assert any("1 of 2 blocks changed" in n for n in report.notes)
 
 
 def test_remove_heads_gqa_keeps_groups_equal():
@@ -297,6 +298,22 @@ def test_untraceable_rule_names_the_node():
     with pytest.raises(GraphError, match=r"(?s)no MLP found in 'blocks.0'.*node 'flip'") as info:
         widen_mlp(model, 20, probe=torch.randn(2, 8))
     assert "blocks.0.mlp" in str(info.value)
+
+
+class _Branching(_Reshaping):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.out(h)
+
+
+def test_untraceable_mlp_is_refused_naming_the_module():
+    model = _Net(_Branching)
+    with pytest.raises(GraphError, match=r"(?s)no MLP found in 'blocks.0'.*blocks.0.mlp: torch.fx cannot trace it"):
+        narrow_mlp(model, 8, probe=torch.randn(2, 8))
 
 
 def test_plain_pytorch_block_is_grown():
