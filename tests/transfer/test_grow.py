@@ -385,3 +385,15 @@ def test_taylor_mlp_importance_keeps_the_units_whose_removal_costs_least():
         narrow_mlp(model, 11, importance="taylor")
     with pytest.raises(TypeError, match="has no loss"):
         narrow_mlp(model, 11, importance="taylor", data={"input_ids": x["input_ids"]})
+
+
+def test_widen_mlp_noise_breaks_symmetry_and_reports_the_change():
+    model = build("llama")
+    new, report = widen_mlp(model, 60, noise=0.1, generator=torch.Generator().manual_seed(0), probe=ids())
+    assert report.max_abs_deviation == pytest.approx(float((logits(new) - logits(model)).abs().max()), rel=1e-5)
+    assert 0 < report.relative_deviation < 0.5 and any("noise" in n for n in report.notes)
+    up = new.model.layers[0].mlp.up_proj.weight
+    old = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up[:48], old)  # the old units are untouched
+    with pytest.raises(ValueError, match="noise"):
+        widen_mlp(model, 60, noise=-1.0)
