@@ -310,6 +310,23 @@ class _Branching(_Reshaping):
         return self.out(h)
 
 
+class _Scaled(_Reshaping):
+    """Intermediate features times a learned per-feature vector: a parameter Net2Net would have to replicate."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return self.out(self.fc(x).relu() * self.scale)
+
+
+def test_parameters_between_the_linears_are_refused():
+    model = _Net(_Scaled)
+    with pytest.raises(GraphError, match=r"(?s)blocks.0.mlp: node 'mul' \(call_function mul\) is not a per-feature"):
+        widen_mlp(model, 20, probe=torch.randn(2, 8))
+
+
 def test_untraceable_mlp_is_refused_naming_the_module():
     model = _Net(_Branching)
     with pytest.raises(GraphError, match=r"(?s)no MLP found in 'blocks.0'.*blocks.0.mlp: torch.fx cannot trace it"):
