@@ -414,3 +414,11 @@ def test_widen_mlp_noise_breaks_symmetry_and_reports_the_change():
     assert torch.equal(up[:48], old)  # the old units are untouched
     with pytest.raises(ValueError, match="noise"):
         widen_mlp(model, 60, noise=-1.0)
+
+
+def test_sequential_api_points_transformer_users_to_the_block_operators():
+    from nnopt.transfer import widen
+
+    model = build("bert")
+    with pytest.raises(ValueError, match=r"not a child of an nn.Sequential.*widen_mlp"):
+        widen(model, "bert.encoder.layer.0.intermediate.dense", 64)
