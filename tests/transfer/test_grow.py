@@ -9,37 +9,14 @@ from torch import nn
 from nnopt import sparsity
 from nnopt.prune.methods import l1_unstructured
 from nnopt.transfer import GraphError, add_heads, insert_block, narrow_mlp, remove_heads, widen_mlp
-from tests.transfer._hf import ARCHS, build, ids
+from tests.transfer._hf import ARCHS, REL, assert_untouched, build, ids, logits, rel_change, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REL = 1e-5  # the bar: logits change by at most 1e-5 relative (max |diff| / max |logit|)
 
 MLP_OF = {"gpt2": ("transformer.h.{}.mlp.c_fc", "transformer.h.{}.mlp.c_proj"),
           "bert": ("bert.encoder.layer.{}.intermediate.dense", "bert.encoder.layer.{}.output.dense"),
           "llama": ("model.layers.{}.mlp.up_proj", "model.layers.{}.mlp.down_proj")}
 STACK = {"gpt2": "transformer.h", "bert": "bert.encoder.layer", "llama": "model.layers"}
-
-
-def logits(model, x=None, **kw):
-    with torch.no_grad():
-        return model(**(x or ids()), **kw).logits
-
-
-def rel_change(a, b):
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
-
-
-def assert_untouched(model, snap):
-    state, config = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert model.config.to_dict() == config
 
 
 # --------------------------------------------------------------------------------------- function preservation

@@ -7,8 +7,7 @@ import torch
 from nnopt import sparsity
 from nnopt.prune.methods import l1_unstructured
 from nnopt.transfer import widen_hidden
-from tests.transfer._hf import ARCHS, build, ids
-from tests.transfer.test_grow import REL, assert_untouched, logits, rel_change, snapshot
+from tests.transfer._hf import ARCHS, REL, assert_untouched, build, ids, logits, rel_change, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
