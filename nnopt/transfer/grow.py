@@ -73,48 +73,6 @@ __all__ = ["GraphError", "GrowthReport", "add_heads", "insert_block", "narrow_ml
 IMPORTANCES = ("magnitude", "taylor", "random")
 
 
-def _taylor(model, layers, data):
-    """{layer name: [sequences, in_features] sums over tokens of x * dL/dx}, x the input of each linear layer in
-    ``layers``, over the batches ``data`` (dicts of model inputs whose forward returns ``.loss``). Gradients go to
-    the captured inputs only (torch.autograd.grad): the model's parameters get no ``.grad``."""
-    if data is None:
-        raise ValueError("importance='taylor' needs data=: a dict of model inputs (labels included, so the forward "
-                         "returns a loss) or a list of them")
-    batches = [data] if isinstance(data, dict) else list(data)
-    out = {name: [] for name in layers}
-    was = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            seen, handles = {}, []
-            for name in layers:
-                def grab(m, args, name=name):
-                    seen[name] = args[0]
-                handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
-            try:
-                with torch.enable_grad():
-                    res = run_model(model, batch)
-                    loss = getattr(res, "loss", None)
-                    if not isinstance(loss, torch.Tensor):
-                        raise TypeError(f"importance='taylor': the model's output ({type(res).__name__}) has no loss; "
-                                        "pass labels in data")
-                    names = [n for n in layers if n in seen and seen[n].requires_grad]
-                    if len(names) != len(layers):
-                        missing = sorted(set(layers) - set(names))
-                        raise GraphError(f"importance='taylor': {missing} did not run on a tensor that requires grad")
-                    grads = torch.autograd.grad(loss, [seen[n] for n in names])
-            finally:
-                for h in handles:
-                    h.remove()
-            for n, g in zip(names, grads):
-                x = seen[n].detach()
-                prod = (x * g).double()
-                out[n].append(prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).cpu())
-    finally:
-        model.train(was)
-    return {n: torch.cat(v) for n, v in out.items()}
-
-
 @dataclasses.dataclass
 class GrowthReport:
     """What an operator did; ``str()`` prints it."""
@@ -266,6 +224,10 @@ def _copy(model):
 def _finish(operation, model, new, probe, changes, config, notes):
     x, where = _probe(model, probe)
     before, after = _evaluate(model, x), _evaluate(new, x)
+    if before.shape[:-1] == after.shape[:-1] and after.shape[-1] > before.shape[-1]:
+        # a model that outputs its hidden states (no head) after widen_hidden: the first features are the old ones
+        where += f", compared on the first {before.shape[-1]} of {after.shape[-1]} output features"
+        after = after[..., :before.shape[-1]]
     if before.shape != after.shape:
         raise RuntimeError(f"{operation}: the output shape changed from {tuple(before.shape)} to {tuple(after.shape)}")
     diff = float((after - before).abs().max()) if before.numel() else 0.0
@@ -353,6 +315,48 @@ def _perturb_rows(lin, n, noise, generator):
     w[n:] += (eps * (noise * std if std > 0 else noise)).to(w.device, w.dtype)
     if "weight" in pruned_names(lin):
         sparsity.zero_pruned_(lin.weight, lin._buffers["weight_mask"])
+
+
+def _taylor(model, layers, data):
+    """{layer name: [sequences, in_features] sums over tokens of x * dL/dx}, x the input of each linear layer in
+    ``layers``, over the batches ``data`` (dicts of model inputs whose forward returns ``.loss``). Gradients go to
+    the captured inputs only (torch.autograd.grad): the model's parameters get no ``.grad``."""
+    if data is None:
+        raise ValueError("importance='taylor' needs data=: a dict of model inputs (labels included, so the forward "
+                         "returns a loss) or a list of them")
+    batches = [data] if isinstance(data, dict) else list(data)
+    out = {name: [] for name in layers}
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            seen, handles = {}, []
+            for name in layers:
+                def grab(m, args, name=name):
+                    seen[name] = args[0]
+                handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
+            try:
+                with torch.enable_grad():
+                    res = run_model(model, batch)
+                    loss = getattr(res, "loss", None)
+                    if not isinstance(loss, torch.Tensor):
+                        raise TypeError(f"importance='taylor': the model's output ({type(res).__name__}) has no loss; "
+                                        "pass labels in data")
+                    names = [n for n in layers if n in seen and seen[n].requires_grad]
+                    if len(names) != len(layers):
+                        missing = sorted(set(layers) - set(names))
+                        raise GraphError(f"importance='taylor': {missing} did not run on a tensor that requires grad")
+                    grads = torch.autograd.grad(loss, [seen[n] for n in names])
+            finally:
+                for h in handles:
+                    h.remove()
+            for n, g in zip(names, grads):
+                x = seen[n].detach()
+                prod = (x * g).double()
+                out[n].append(prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).cpu())
+    finally:
+        model.train(was)
+    return {n: torch.cat(v) for n, v in out.items()}
 
 
 def _mlp_scores(model, mlp, importance, generator, taylor):

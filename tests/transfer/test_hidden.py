@@ -77,3 +77,16 @@ def test_bad_input():
     with pytest.raises(TypeError, match="new_size must be an int"):
         widen_hidden(model, 64.0)
     assert_untouched(model, snap)
+
+
+def test_a_model_without_head_outputs_the_old_features_first():
+    from transformers import GPT2Model
+
+    model = build("gpt2")
+    bare = GPT2Model(model.config).eval()
+    new, report = widen_hidden(bare, 64, probe=ids())
+    with torch.no_grad():
+        a, b = bare(**ids()).last_hidden_state, new(**ids()).last_hidden_state
+    assert b.shape[-1] == 64 and torch.allclose(b[..., :32], a, atol=1e-5) and torch.allclose(b[..., 32:], a,
+                                                                                           atol=1e-5)
+    assert report.max_abs_deviation < 1e-5 and "first 32 of 64" in report.probe
