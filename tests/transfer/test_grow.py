@@ -399,3 +399,29 @@ def test_sequential_api_points_transformer_users_to_the_block_operators():
     model = build("bert")
     with pytest.raises(ValueError, match=r"not a child of an nn.Sequential.*widen_mlp"):
         widen(model, "bert.encoder.layer.0.intermediate.dense", 64)
+
+
+def test_gqa_groups_added_and_removed_whole():
+    model = build("llama", heads=8, kv_heads=2)  # 2 groups of 4 query heads, head size 4
+    snap = snapshot(model)
+    new, report = add_heads(model, 1, by="group")
+    attn = new.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (12 * 4, 3 * 4, 3 * 4)
+    assert attn.num_key_value_groups == 4 and new.config.num_key_value_heads == 3
+    assert new.config.num_attention_heads == 12 and report.max_abs_deviation == 0.0
+    assert_untouched(model, snap)
+
+    def second_group_weak(m, att):
+        return torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])
+
+    new, report = remove_heads(model, 1, by="group", importance=second_group_weak)
+    attn, old = new.model.layers[1].self_attn, model.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight, old.q_proj.weight[:16]) and torch.equal(attn.k_proj.weight,
+                                                                                 old.k_proj.weight[:4])
+    assert torch.equal(attn.o_proj.weight, old.o_proj.weight[:, :16]) and attn.num_key_value_groups == 4
+    assert new.config.num_key_value_heads == 1 and "[4, 5, 6, 7]" in report.changes[0]
+    logits(new)
+    with pytest.raises(ValueError, match="cannot remove 2 key-value groups"):
+        remove_heads(model, 2, by="group")
+    with pytest.raises(ValueError, match="by must be 'query' or 'group'"):
+        add_heads(model, 1, by="kv")
