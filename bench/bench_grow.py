@@ -2,13 +2,16 @@
 ``transformers`` configs, trained on the standard library's Python sources (nnopt.demo.text, held-out split).
 
 1. Function preservation (random init, fp32, eval): the relative change of the logits (max |diff| / max |logit|)
-   after ``widen_mlp`` (x2), ``add_heads`` (+50%) and ``insert_block`` (middle) on GPT-2, BERT and Llama (GQA).
+   after ``widen_mlp`` (x2), ``add_heads`` (+50%), ``insert_block`` (middle) and ``widen_hidden`` (x2) on GPT-2,
+   BERT and Llama (GQA).
 2. Growth then training, per architecture (GPT-2, Llama) and seed: a small model (``--d`` wide, 2 blocks) is
    trained ``--pretrain`` steps; it is grown (MLP x2, heads x2, 2 -> 4 blocks); the grown model and a model of the
    same architecture initialised from scratch (transformers' own init) both train ``--steps`` steps on the same
-   batches. Bars: the grown model's held-out loss before training equals the small model's (within 1%); it ends
-   below the scratch model.
-3. Shrinking by importance at 25% (the trained small models): ``remove_heads`` (1 of 4 per block) and
+   batches (and the scratch model then trains on for ``--pretrain`` more steps, as a compute reference). Bars: the
+   grown model's held-out loss before training equals the small model's (within 1%); it ends below the scratch
+   model.
+3. Shrinking by importance at 25% (the trained small models): ``remove_heads`` (GPT-2 1 of 4 per block, Llama 2
+   of 8: one per kv group) and
    ``narrow_mlp`` (25% of the units) by importance ("taylor" on 4 training batches, and the data-free
    "magnitude") vs at random (the mean of three random draws); held-out loss increase. Bar: importance <= random,
    averaged over the seeds.
@@ -29,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import harness
 
 from nnopt.demo import lm, text
-from nnopt.transfer import add_heads, insert_block, narrow_mlp, remove_heads, widen_mlp
+from nnopt.transfer import add_heads, insert_block, narrow_mlp, remove_heads, widen_hidden, widen_mlp
 
 FIGURE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "figures", "grow.png")
 
@@ -57,7 +60,8 @@ def preservation(seeds):
     x = {"input_ids": torch.randint(0, 256, (4, 64), generator=torch.Generator().manual_seed(0))}
     ops = {"widen_mlp x2": lambda m: widen_mlp(m, 1024, probe=x),
            "add_heads +2": lambda m: add_heads(m, 2, probe=x),
-           "insert_block @2": lambda m: insert_block(m, 2, probe=x)}
+           "insert_block @2": lambda m: insert_block(m, 2, probe=x),
+           "widen_hidden x2": lambda m: widen_hidden(m, 256, probe=x)}
     for kind in ("gpt2", "bert", "llama"):
         for name, op in ops.items():
             worst = 0.0
@@ -104,8 +108,8 @@ def growth(corpus, heldout, kinds, seeds, args):
     for kind in kinds:
         for seed in range(seeds):
             t0 = time.perf_counter()
-            small = lm.build(kind, d_model=args.d, n_layers=2, n_heads=4, n_kv_heads=2 if kind == "llama" else None,
-                             d_ff=2 * args.d, seq_len=args.seq, seed=seed)
+            small = lm.build(kind, d_model=args.d, n_layers=2, n_heads=4 if kind == "gpt2" else 8,
+                             n_kv_heads=2 if kind == "llama" else None, d_ff=2 * args.d, seq_len=args.seq, seed=seed)
             lm.train(small, corpus, opt(small, args.lr), args.pretrain, args.batch, args.seq, seed=1000 + seed)
             small_loss = lm.evaluate(small, heldout)[0]
             trained[(kind, seed)] = small
@@ -116,12 +120,16 @@ def growth(corpus, heldout, kinds, seeds, args):
             s_curve = lm.train(scratch, corpus, opt(scratch, args.lr), args.steps, args.batch, args.seq,
                                seed=2000 + seed)
             g_end, s_end = lm.evaluate(big, heldout)[0], lm.evaluate(scratch, heldout)[0]
+            # the same architecture from scratch for as many steps as the small model and the grown one together
+            lm.train(scratch, corpus, opt(scratch, args.lr), args.pretrain, args.batch, args.seq, seed=3000 + seed)
+            s_long = lm.evaluate(scratch, heldout)[0]
             curves.setdefault(kind, []).append((g_curve, s_curve, small_loss))
             rows.append({"model": kind, "seed": seed, "params small -> grown": f"{params(small):,} -> {params(big):,}",
                          "small held-out": small_loss, "grown at step 0": start,
                          "start gap": f"{abs(start - small_loss) / small_loss:.1e}",
                          f"grown after {args.steps}": g_end, f"scratch after {args.steps}": s_end,
-                         "grown < scratch": "yes" if g_end < s_end else "NO"})
+                         "grown < scratch": "yes" if g_end < s_end else "NO",
+                         f"scratch after {args.steps + args.pretrain}": s_long})
             print(rows[-1], f"({time.perf_counter() - t0:.0f}s)", flush=True)
     return rows, curves, trained
 
@@ -140,9 +148,9 @@ def shrinking(trained, heldout, corpus, args):
         base = lm.evaluate(model, heldout)[0]
         for name, op in ops.items():
             if kind == "llama" and name.startswith("remove_heads"):
-                # GQA with 2 kv groups of 2 query heads: 25% per group is not a whole head; remove 2 of 4 (50%)
+                # GQA, 8 query heads in 2 kv groups: 25% is one head from each group
                 op = (lambda m, imp, g: remove_heads(m, 2, importance=imp, generator=g, data=calib)[0])
-                label = "remove_heads 2/4 (GQA)"
+                label = "remove_heads 2/8 (GQA)"
             else:
                 label = name
             mag = lm.evaluate(op(model, "magnitude", None), heldout)[0] - base
@@ -191,9 +199,11 @@ def summary(growth_rows, shrink_rows, args):
         g = statistics.mean(r[f"grown after {args.steps}"] for r in rs)
         s = statistics.mean(r[f"scratch after {args.steps}"] for r in rs)
         wins = sum(r["grown < scratch"] == "yes" for r in rs)
+        long = statistics.mean(r[f"scratch after {args.steps + args.pretrain}"] for r in rs)
         lines.append(f"- {kind}: after {args.steps} steps grown {g:.3f} vs scratch {s:.3f} nats/byte held-out "
                      f"(mean of {len(rs)} seeds; grown lower in {wins}/{len(rs)}) (bar: "
-                     f"{'met' if wins == len(rs) else 'NOT met'})")
+                     f"{'met' if wins == len(rs) else 'NOT met'}); scratch after {args.steps + args.pretrain} steps: "
+                     f"{long:.3f}")
     for kind, op in sorted({(r["model"], r["operation"]) for r in shrink_rows}):
         rs = [r for r in shrink_rows if r["model"] == kind and r["operation"] == op]
         tay = statistics.mean(r["increase, taylor"] for r in rs)
@@ -237,14 +247,16 @@ def main():
         return
     body = [
         f"Byte-level LMs on {corpus.source} ({corpus.train.numel():,} training bytes; held-out loss on 64 windows "
-        f"of {args.seq} bytes). Small models: d={args.d}, 2 blocks, 4 heads (Llama: 2 kv groups), MLP {2 * args.d}; "
+        f"of {args.seq} bytes). Small models: d={args.d}, 2 blocks, GPT-2 4 heads, Llama 8 heads in 2 kv groups, MLP "
+        f"{2 * args.d}; "
         f"trained {args.pretrain} steps (AdamW lr {args.lr}, batch {args.batch}). Grown: widen_mlp x2, add_heads "
         f"x2, insert_block at 1 and 3 (2 -> 4 blocks). {torch.get_num_threads()} torch thread(s). Shared machine "
         f"(other engineers' builds and tests running); whole run {elapsed:.0f}s.",
         "", "Function preservation (random init, fp32, eval; d=128, 4 blocks, 4 heads, seq 64; worst over "
         f"{args.seeds} seeds):", "", harness.table(pres, list(pres[0])),
         "", f"Growth then {args.steps} training steps (the grown model and a same-architecture model from "
-        "transformers' init see the same batches):", "",
+        "transformers' init see the same batches; the last column trains that scratch model on for as many steps as "
+        "the small model had, a fresh AdamW at the same learning rate, no warmup):", "",
         harness.table(growth_rows, list(growth_rows[0])),
         "", "Shrinking the trained small models by importance vs at random (taylor: 4 calibration batches of "
         "training text):", "",

@@ -50,6 +50,7 @@ _PER_FEATURE_METHODS = _ELEMENTWISE_METHODS | {"pow", "mul", "add", "sub", "div"
                                                "sqrt", "rsqrt", "erf", "square"}
 _TENSOR_BINARY = {operator.mul, operator.add, operator.sub, operator.truediv, torch.mul, torch.add, torch.sub,
                   torch.div}
+_BINARY_METHODS = {"mul", "add", "sub", "div", "type_as"}
 
 
 # ------------------------------------------------------------------------------------------------- the stack
@@ -153,24 +154,21 @@ def _analyse(module, graph):
                 contractors.append(node.target)
                 space[node] = "out"
             else:
-                return expanders, contractors, through, False, f"{_node_label(node)} mixes intermediate features " \
-                                                               "with other tensors"
+                why = f"{_node_label(node)} mixes intermediate features with other tensors"
+                return expanders, contractors, through, False, why
             continue
         if "mid" not in spaces:
             space[node] = "out" if "out" in spaces else "in"
             continue
-        ok = spaces == {"mid"}
-        if node.op == "call_module":
-            ok = ok and isinstance(module.get_submodule(node.target), _ELEMENTWISE_MODULES)
+        binary = node.target in _TENSOR_BINARY or node.target in _BINARY_METHODS
+        if spaces != {"mid"} or (len(tensors) > 1 and not binary):
+            ok = False  # mixes intermediate features with the input, a parameter, or several of them non-elementwise
+        elif node.op == "call_module":
+            ok = isinstance(module.get_submodule(node.target), _ELEMENTWISE_MODULES)
         elif node.op == "call_function":
-            ok = ok and (node.target in _PER_FEATURE_FUNCTIONS or (node.target in _TENSOR_BINARY and len(tensors) == 2))
-        elif node.op == "call_method":
-            ok = ok and node.target in _PER_FEATURE_METHODS
+            ok = node.target in _PER_FEATURE_FUNCTIONS or node.target in _TENSOR_BINARY
         else:
-            ok = False
-        if ok and len(tensors) > 1 and node.target not in _TENSOR_BINARY and node.target not in (
-                "mul", "add", "sub", "div", "type_as"):
-            ok = False
+            ok = node.op == "call_method" and node.target in _PER_FEATURE_METHODS
         if not ok:
             return expanders, contractors, through, False, (
                 f"{_node_label(node)} is not a per-feature operation on the intermediate features")
@@ -331,7 +329,7 @@ class Attention:
 _HEAD_DIM_ATTRS = ("head_dim", "attention_head_size")
 
 
-def _head_dim(m, hidden_out):
+def _head_dim(m):
     for a in _HEAD_DIM_ATTRS:
         v = getattr(m, a, None)
         if isinstance(v, int) and v > 0:
@@ -347,7 +345,7 @@ def find_attention(model, block):
         lin = {n for n, c in kids.items() if is_linear_like(c)}
         if {"q_proj", "k_proj", "v_proj", "o_proj"} <= lin:
             q, k, v, o = (f"{qual}.{n}" for n in ("q_proj", "k_proj", "v_proj", "o_proj"))
-            d = _head_dim(m, None)
+            d = _head_dim(m)
         elif {"query", "key", "value"} <= lin:
             pname = qual.rpartition(".")[0]
             parent = model.get_submodule(pname)
@@ -355,9 +353,9 @@ def find_attention(model, block):
             if out is None or not is_linear_like(getattr(out, "dense", None)):
                 raise GraphError(f"{qual!r} has query/key/value but its parent {pname!r} has no output.dense")
             q, k, v, o = f"{qual}.query", f"{qual}.key", f"{qual}.value", f"{pname}.output.dense"
-            d = _head_dim(m, None)
+            d = _head_dim(m)
         elif {"c_attn", "c_proj"} <= lin and not hasattr(m, "q_attn"):
-            d = _head_dim(m, None)
+            d = _head_dim(m)
             qkv_out = in_out_features(kids["c_attn"])[1]
             if qkv_out % 3:
                 raise GraphError(f"{qual}.c_attn has {qkv_out} outputs, not 3 equal q/k/v parts")

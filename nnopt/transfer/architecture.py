@@ -204,7 +204,9 @@ def _check_in_sequential(model, name, what):
     parent = model.get_submodule(pname) if pname else model
     if not name or not _plain_sequential(parent):
         raise ValueError(f"{what}: layer {name!r} is not a child of an nn.Sequential; expected a Linear inside an "
-                         "nn.Sequential (nested ones included), whose following modules are known")
+                         "nn.Sequential (nested ones included), whose following modules are known. For the blocks of "
+                         "a transformer use nnopt.transfer.widen_mlp / narrow_mlp (MLP width), add_heads / "
+                         "remove_heads, insert_block (depth) or widen_hidden, which follow the model's graph")
 
 
 def _leaves(qual, module):

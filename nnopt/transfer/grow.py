@@ -22,17 +22,19 @@ run where the MLP spans two modules, as BERT's), each block's attention projecti
   |sum over a sequence's tokens of a_j dL/da_j| summed over sequences (Molchanov et al., 2019; a_j: the unit's
   input to the contractor); ``"random"``; or a callable ``importance(model, mlp) -> [width]`` tensor (higher =
   kept).
-- ``add_heads(model, n, layers=None)``: ``n`` new query heads per block. With one key-value head per query head
-  (GPT-2, BERT, MHA Llama) each new head gets new q/k/v rows; with grouped-query attention the new query heads are
-  spread evenly over the existing key-value groups (``n`` a multiple of the number of groups; the kv projections
-  are unchanged). New q/k/v rows are drawn N(0, std of the existing rows) (biases 0); the new heads' columns of
+- ``add_heads(model, n, layers=None, by="query")``: ``n`` new query heads per block. With one key-value head per
+  query head (GPT-2, BERT, MHA Llama) each new head gets new q/k/v rows; with grouped-query attention the new
+  query heads are spread evenly over the existing key-value groups (``n`` a multiple of the number of groups; the
+  kv projections are unchanged), or, ``by="group"``, ``n`` new key-value heads come with a full group of query
+  heads each. New q/k/v rows are drawn N(0, std of the existing rows) (biases 0); the new heads' columns of
   the output projection are zero, so the function is unchanged.
-- ``remove_heads(model, n, layers=None, importance="magnitude")``: removes the ``n`` least important query heads
-  per block (with GQA: ``n / groups`` from each group, keeping groups equal). ``"magnitude"``: the Frobenius norm
-  of the head's value-output map ``W_o[:, head] @ W_v[head]`` (attention weights sum to one, so this bounds the
-  head's output per unit input); ``"taylor"`` (needs ``data=``) the head-gate gradient importance of Michel et
-  al. (2019), |dL/d gate_h| per sequence summed; ``"random"``; or a callable ``importance(model, attention) ->
-  [heads]``.
+- ``remove_heads(model, n, layers=None, by="query", importance="magnitude")``: removes the ``n`` least important
+  query heads per block (with GQA: ``n / groups`` from each group, keeping groups equal), or, ``by="group"``, the
+  ``n`` least important key-value groups with their query heads (a group scores the sum of its heads).
+  ``"magnitude"``: the Frobenius norm of the head's value-output map ``W_o[:, head] @ W_v[head]`` (attention
+  weights sum to one, so this bounds the head's output per unit input); ``"taylor"`` (needs ``data=``) the
+  head-gate gradient importance of Michel et al. (2019), |dL/d gate_h| per sequence summed; ``"random"``; or a
+  callable ``importance(model, attention) -> [heads]``.
 - ``insert_block(model, index)``: a new block at position ``index`` (0 to the number of blocks) that is a copy of
   its predecessor (of block 0 at index 0) with zeroed output projections (attention output and MLP contractor,
   weights and biases): in a pre-norm block (GPT-2, Llama: ``x + f(norm(x))``) it is the identity. In a post-norm
@@ -71,48 +73,6 @@ from nnopt.transfer._graph import GraphError, block_names, find_attention, find_
 __all__ = ["GraphError", "GrowthReport", "add_heads", "insert_block", "narrow_mlp", "remove_heads", "widen_mlp"]
 
 IMPORTANCES = ("magnitude", "taylor", "random")
-
-
-def _taylor(model, layers, data):
-    """{layer name: [sequences, in_features] sums over tokens of x * dL/dx}, x the input of each linear layer in
-    ``layers``, over the batches ``data`` (dicts of model inputs whose forward returns ``.loss``). Gradients go to
-    the captured inputs only (torch.autograd.grad): the model's parameters get no ``.grad``."""
-    if data is None:
-        raise ValueError("importance='taylor' needs data=: a dict of model inputs (labels included, so the forward "
-                         "returns a loss) or a list of them")
-    batches = [data] if isinstance(data, dict) else list(data)
-    out = {name: [] for name in layers}
-    was = model.training
-    model.eval()
-    try:
-        for batch in batches:
-            seen, handles = {}, []
-            for name in layers:
-                def grab(m, args, name=name):
-                    seen[name] = args[0]
-                handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
-            try:
-                with torch.enable_grad():
-                    res = run_model(model, batch)
-                    loss = getattr(res, "loss", None)
-                    if not isinstance(loss, torch.Tensor):
-                        raise TypeError(f"importance='taylor': the model's output ({type(res).__name__}) has no loss; "
-                                        "pass labels in data")
-                    names = [n for n in layers if n in seen and seen[n].requires_grad]
-                    if len(names) != len(layers):
-                        missing = sorted(set(layers) - set(names))
-                        raise GraphError(f"importance='taylor': {missing} did not run on a tensor that requires grad")
-                    grads = torch.autograd.grad(loss, [seen[n] for n in names])
-            finally:
-                for h in handles:
-                    h.remove()
-            for n, g in zip(names, grads):
-                x = seen[n].detach()
-                prod = (x * g).double()
-                out[n].append(prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).cpu())
-    finally:
-        model.train(was)
-    return {n: torch.cat(v) for n, v in out.items()}
 
 
 @dataclasses.dataclass
@@ -266,6 +226,10 @@ def _copy(model):
 def _finish(operation, model, new, probe, changes, config, notes):
     x, where = _probe(model, probe)
     before, after = _evaluate(model, x), _evaluate(new, x)
+    if before.shape[:-1] == after.shape[:-1] and after.shape[-1] > before.shape[-1]:
+        # a model that outputs its hidden states (no head) after widen_hidden: the first features are the old ones
+        where += f", compared on the first {before.shape[-1]} of {after.shape[-1]} output features"
+        after = after[..., :before.shape[-1]]
     if before.shape != after.shape:
         raise RuntimeError(f"{operation}: the output shape changed from {tuple(before.shape)} to {tuple(after.shape)}")
     diff = float((after - before).abs().max()) if before.numel() else 0.0
@@ -290,6 +254,17 @@ def _set_config(model, fields, sizes, notes, what):
             setattr(config, f, value)
             done[f] = value
     return done
+
+
+def _all_blocks(new, changed, notes, what, update):
+    """``update()`` (the config fields it set) when every block changed, else a note that the config is stale."""
+    total = len(find_stack(new)[1])
+    if changed == total:
+        return update()
+    if getattr(new, "config", None) is not None:
+        notes.append(f"{changed} of {total} blocks changed: their {what} differs from the other blocks' and the "
+                     "config's, so the model cannot be rebuilt from its config")
+    return {}
 
 
 def _mlps(model, layers, what, example_inputs):
@@ -326,8 +301,8 @@ def widen_mlp(model, new_size, layers=None, *, noise=0.0, generator=None, probe=
         sizes.append(new_size)
         changes.append(f"{mlp.traced}: {n} -> {new_size} units ({', '.join(mlp.expanders)} -> {mlp.contractor}"
                        f"{', found by a traced run' if mlp.observed else ''})")
-    config = _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size") if layers is None or len(
-        mlps) == len(find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(mlps), notes, "intermediate size",
+                         lambda: _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size"))
     if noise > 0:
         notes.append(f"noise {noise:g} on the replicas' expander rows changes the function")
     return _finish(what, model, new, probe, changes, config, notes)
@@ -342,6 +317,48 @@ def _perturb_rows(lin, n, noise, generator):
     w[n:] += (eps * (noise * std if std > 0 else noise)).to(w.device, w.dtype)
     if "weight" in pruned_names(lin):
         sparsity.zero_pruned_(lin.weight, lin._buffers["weight_mask"])
+
+
+def _taylor(model, layers, data):
+    """{layer name: [sequences, in_features] sums over tokens of x * dL/dx}, x the input of each linear layer in
+    ``layers``, over the batches ``data`` (dicts of model inputs whose forward returns ``.loss``). Gradients go to
+    the captured inputs only (torch.autograd.grad): the model's parameters get no ``.grad``."""
+    if data is None:
+        raise ValueError("importance='taylor' needs data=: a dict of model inputs (labels included, so the forward "
+                         "returns a loss) or a list of them")
+    batches = [data] if isinstance(data, dict) else list(data)
+    out = {name: [] for name in layers}
+    was = model.training
+    model.eval()
+    try:
+        for batch in batches:
+            seen, handles = {}, []
+            for name in layers:
+                def grab(m, args, name=name):
+                    seen[name] = args[0]
+                handles.append(model.get_submodule(name).register_forward_pre_hook(grab))
+            try:
+                with torch.enable_grad():
+                    res = run_model(model, batch)
+                    loss = getattr(res, "loss", None)
+                    if not isinstance(loss, torch.Tensor):
+                        raise TypeError(f"importance='taylor': the model's output ({type(res).__name__}) has no loss; "
+                                        "pass labels in data")
+                    names = [n for n in layers if n in seen and seen[n].requires_grad]
+                    if len(names) != len(layers):
+                        missing = sorted(set(layers) - set(names))
+                        raise GraphError(f"importance='taylor': {missing} did not run on a tensor that requires grad")
+                    grads = torch.autograd.grad(loss, [seen[n] for n in names])
+            finally:
+                for h in handles:
+                    h.remove()
+            for n, g in zip(names, grads):
+                x = seen[n].detach()
+                prod = (x * g).double()
+                out[n].append(prod.reshape(prod.shape[0], -1, prod.shape[-1]).sum(1).cpu())
+    finally:
+        model.train(was)
+    return {n: torch.cat(v) for n, v in out.items()}
 
 
 def _mlp_scores(model, mlp, importance, generator, taylor):
@@ -389,8 +406,8 @@ def narrow_mlp(model, new_size, layers=None, *, importance="magnitude", data=Non
         sizes.append(new_size)
         how = getattr(importance, "__name__", importance)
         changes.append(f"{mlp.traced}: {mlp.width} -> {new_size} units by {how}")
-    config = _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size") if len(mlps) == len(
-        find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(mlps), notes, "intermediate size",
+                         lambda: _set_config(new, _MLP_FIELDS, sizes, notes, "intermediate size"))
     return _finish(what, model, new, probe, changes, config, notes)
 
 
@@ -399,19 +416,21 @@ _HEAD_FIELDS = ("num_heads", "num_attention_heads")
 _KV_FIELDS = ("num_key_value_heads",)
 
 
-def _head_index(att, keep_q, new_per_group):
-    """(q index, o index) over head-dim features: query heads ``keep_q`` (old numbering, grouped by kv group) and
-    ``new_per_group`` new heads appended to each kv group (-1)."""
-    d = att.head_dim
-    heads = []
-    per = len(keep_q) // att.kv_heads if att.kv_heads != att.heads else None
-    if per is None:  # one kv head per query head: new heads at the end
-        heads = list(keep_q) + [-1] * new_per_group
-    else:
-        for g in range(att.kv_heads):
-            heads += list(keep_q[g * per:(g + 1) * per]) + [-1] * new_per_group
-    idx = torch.tensor([h * d + j if h >= 0 else -1 for h in heads for j in range(d)], dtype=torch.long)
-    return idx, len(heads)
+def _features(heads, d):
+    """Feature index of head list ``heads`` (old numbering; -1 for a new head), ``d`` features per head."""
+    return torch.tensor([h * d + j if h >= 0 else -1 for h in heads for j in range(d)], dtype=torch.long)
+
+
+def _apply_heads(new, att, q_heads, kv_heads, generator):
+    """Rebuilds ``att`` in ``new`` with query heads ``q_heads`` and key-value heads ``kv_heads`` (None: unchanged),
+    old numbering with -1 for new heads; returns (query heads, key-value heads) counts."""
+    q_idx = _features(q_heads, att.head_dim)
+    kv_idx = None if kv_heads is None else _features(kv_heads, att.head_dim)
+    _retarget_qkv(new, att, q_idx, kv_idx, generator)
+    _remap_in(new.get_submodule(att.o), q_idx)
+    counts = (len(q_heads), att.kv_heads if kv_heads is None else len(kv_heads))
+    _set_heads(new, att, *counts)
+    return counts
 
 
 def _set_heads(new, att, heads, kv_heads):
@@ -468,30 +487,43 @@ def _head_config(new, atts_after, notes):
     return config
 
 
-def add_heads(model, n, layers=None, *, generator=None, probe=None):
-    """``n`` new attention heads per block (zero output projection: function unchanged): ``(new_model, report)``."""
+def add_heads(model, n, layers=None, *, by="query", generator=None, probe=None):
+    """``n`` new attention heads per block (zero output projection: function unchanged): ``(new_model, report)``.
+
+    ``by="query"``: ``n`` query heads (with GQA spread over the existing key-value groups); ``by="group"``: ``n``
+    new key-value heads, each with a full group of new query heads (the same as "query" without GQA)."""
     what = "add_heads"
     _check_int(what, "n", n, 1)
+    _check_by(what, by)
     atts = _attentions(model, layers, what)
     for att in atts:
-        if att.kv_heads != att.heads and n % att.kv_heads:
+        if by == "query" and att.kv_heads != att.heads and n % att.kv_heads:
             raise ValueError(f"{what}: n={n} new query heads cannot be spread evenly over the {att.kv_heads} key-value "
-                             f"groups of {att.module!r} (grouped-query attention); use a multiple of {att.kv_heads}")
+                             f"groups of {att.module!r} (grouped-query attention); use a multiple of {att.kv_heads} "
+                             "or by='group'")
     new = _copy(model)
     changes, after, notes = [], [], []
     for att in atts:
-        mha = att.kv_heads == att.heads
-        per_group = n if mha else n // att.kv_heads
-        q_idx, heads = _head_index(att, list(range(att.heads)), per_group)
-        kv_heads = heads if mha else att.kv_heads
-        _retarget_qkv(new, att, q_idx, q_idx if mha else None, generator)
-        _remap_in(new.get_submodule(att.o), q_idx)
-        _set_heads(new, att, heads, kv_heads)
+        old_q, old_kv = list(range(att.heads)), list(range(att.kv_heads))
+        if att.kv_heads == att.heads:
+            q = kv = old_q + [-1] * n
+        elif by == "group":
+            q, kv = old_q + [-1] * (n * att.groups), old_kv + [-1] * n
+        else:
+            per = n // att.kv_heads
+            q = [h for g in old_kv for h in old_q[g * att.groups:(g + 1) * att.groups] + [-1] * per]
+            kv = None
+        heads, kv_heads = _apply_heads(new, att, q, kv, generator)
         after.append((heads, kv_heads))
         changes.append(f"{att.module}: {att.heads} -> {heads} query heads, {att.kv_heads} -> {kv_heads} key-value "
                        f"heads (head size {att.head_dim}; new heads' {att.o} columns zero)")
-    config = _head_config(new, after, notes) if len(atts) == len(find_stack(new)[1]) else {}
+    config = _all_blocks(new, len(atts), notes, "head count", lambda: _head_config(new, after, notes))
     return _finish(what, model, new, probe, changes, config, notes)
+
+
+def _check_by(what, by):
+    if by not in ("query", "group"):
+        raise ValueError(f"{what}: by must be 'query' or 'group', got {by!r}")
 
 
 def _head_scores(model, att, importance, generator, taylor):
@@ -521,48 +553,58 @@ def _head_scores(model, att, importance, generator, taylor):
     raise ValueError(f"importance must be one of {IMPORTANCES} or a callable, got {importance!r}")
 
 
-def remove_heads(model, n, layers=None, *, importance="magnitude", data=None, generator=None, probe=None):
-    """Removes the ``n`` least important query heads per block: ``(new_model, GrowthReport)``."""
+def remove_heads(model, n, layers=None, *, by="query", importance="magnitude", data=None, generator=None,
+                 probe=None):
+    """Removes the ``n`` least important heads per block: ``(new_model, GrowthReport)``.
+
+    ``by="query"``: ``n`` query heads (with GQA ``n / groups`` from each key-value group, keeping groups equal);
+    ``by="group"``: ``n`` key-value heads with their query heads, a group scored by the sum of its heads'."""
     what = "remove_heads"
     _check_int(what, "n", n, 1)
+    _check_by(what, by)
     atts = _attentions(model, layers, what)
     for att in atts:
-        if n >= att.heads:
+        mha = att.kv_heads == att.heads
+        if (by == "query" or mha) and n >= att.heads:
             raise ValueError(f"{what}: cannot remove {n} heads from {att.module!r}, which has {att.heads}; at least "
                              "one must stay")
-        if att.kv_heads != att.heads and (n % att.kv_heads or n // att.kv_heads >= att.groups):
+        if by == "group" and not mha and n >= att.kv_heads:
+            raise ValueError(f"{what}: cannot remove {n} key-value groups from {att.module!r}, which has "
+                             f"{att.kv_heads}; at least one must stay")
+        if by == "query" and not mha and (n % att.kv_heads or n // att.kv_heads >= att.groups):
             raise ValueError(f"{what}: n={n} must be a multiple of the {att.kv_heads} key-value groups of "
                              f"{att.module!r} (grouped-query attention, {att.groups} query heads each), below "
-                             f"{att.heads}")
+                             f"{att.heads}; or remove whole groups with by='group'")
     plans = []
     taylor = _taylor(model, [a.o for a in atts], data) if importance == "taylor" else None
     for att in atts:
         scores = _head_scores(model, att, importance, generator, taylor)
         if att.kv_heads == att.heads:
-            order = torch.sort(scores, descending=True, stable=True).indices
-            keep = torch.sort(order[:att.heads - n]).values.tolist()
+            q = kv = _top(scores, att.heads - n)
+        elif by == "group":
+            kv = _top(scores.reshape(att.kv_heads, att.groups).sum(1), att.kv_heads - n)
+            q = [g * att.groups + j for g in kv for j in range(att.groups)]
         else:
-            keep, per = [], att.groups - n // att.kv_heads
-            for g in range(att.kv_heads):
-                s = scores[g * att.groups:(g + 1) * att.groups]
-                top = torch.sort(torch.sort(s, descending=True, stable=True).indices[:per]).values
-                keep += (top + g * att.groups).tolist()
-        plans.append((att, keep))
+            per = att.groups - n // att.kv_heads
+            q = [g * att.groups + j for g in range(att.kv_heads)
+                 for j in _top(scores[g * att.groups:(g + 1) * att.groups], per)]
+            kv = None
+        plans.append((att, q, kv))
     new = _copy(model)
     changes, after, notes = [], [], []
-    for att, keep in plans:
-        mha = att.kv_heads == att.heads
-        q_idx, heads = _head_index(att, keep, 0)
-        kv_heads = heads if mha else att.kv_heads
-        _retarget_qkv(new, att, q_idx, q_idx if mha else None, generator)
-        _remap_in(new.get_submodule(att.o), q_idx)
-        _set_heads(new, att, heads, kv_heads)
+    for att, q, kv in plans:
+        heads, kv_heads = _apply_heads(new, att, q, kv, generator)
         after.append((heads, kv_heads))
-        gone = sorted(set(range(att.heads)) - set(keep))
+        gone = sorted(set(range(att.heads)) - set(q))
         changes.append(f"{att.module}: removed heads {gone} by {getattr(importance, '__name__', importance)} "
-                       f"({att.heads} -> {heads} query heads, {kv_heads} key-value heads)")
-    config = _head_config(new, after, notes) if len(atts) == len(find_stack(new)[1]) else {}
+                       f"({att.heads} -> {heads} query heads, {att.kv_heads} -> {kv_heads} key-value heads)")
+    config = _all_blocks(new, len(atts), notes, "head count", lambda: _head_config(new, after, notes))
     return _finish(what, model, new, probe, changes, config, notes)
+
+
+def _top(scores, k):
+    """The indices of the ``k`` highest scores, ties to the lower index, in increasing order."""
+    return sorted(torch.sort(scores, descending=True, stable=True).indices[:k].tolist())
 
 
 # ------------------------------------------------------------------------------------------------------ depth
@@ -599,6 +641,9 @@ def insert_block(model, index, *, probe=None, example_inputs=None):
     new_stack.insert(index, fresh)
     _renumber(new_stack)
     notes, config = [], {}
+    if any(getattr(m, "scale_attn_by_inverse_layer_idx", False) for m in fresh.modules()):
+        notes.append("attention scales by 1 / (layer_idx + 1) here: every block keeps the scale it was built with "
+                     "(set from its old index), so from_config would build other scales")
     cfg = getattr(new, "config", None)
     if cfg is not None:
         if hasattr(cfg, "num_hidden_layers"):

@@ -10,6 +10,7 @@ transformers.logging.set_verbosity_error()
 
 VOCAB = 61
 ARCHS = ("gpt2", "bert", "llama")
+REL = 1e-5  # the issue's bar: logits change by at most 1e-5 relative (max |diff| / max |logit|)
 
 
 def build(kind, hidden=32, layers=2, heads=4, kv_heads=2, ff=48, seed=0, perturb=True):
@@ -43,3 +44,28 @@ def build(kind, hidden=32, layers=2, heads=4, kv_heads=2, ff=48, seed=0, perturb
 
 def ids(batch=2, seq=9, seed=1):
     return {"input_ids": torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))}
+
+
+def logits(model, x=None, **kw):
+    """The model's logits on ``x`` (default ``ids()``), without autograd."""
+    with torch.no_grad():
+        return model(**(x or ids()), **kw).logits
+
+
+def rel_change(a, b):
+    """max |a - b| / max |a|: the issue's relative measure of a change of logits."""
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def snapshot(model):
+    """Copies of the state_dict and the config, for ``assert_untouched``."""
+    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
+
+
+def assert_untouched(model, snap):
+    """The model's tensors and config equal the snapshot (an operator returned a new model, or refused)."""
+    state, config = snap
+    now = model.state_dict()
+    assert now.keys() == state.keys()
+    assert all(torch.equal(now[k], v) for k, v in state.items())
+    assert model.config.to_dict() == config

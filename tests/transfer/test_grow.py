@@ -9,37 +9,14 @@ from torch import nn
 from nnopt import sparsity
 from nnopt.prune.methods import l1_unstructured
 from nnopt.transfer import GraphError, add_heads, insert_block, narrow_mlp, remove_heads, widen_mlp
-from tests.transfer._hf import ARCHS, build, ids
+from tests.transfer._hf import ARCHS, REL, assert_untouched, build, ids, logits, rel_change, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-REL = 1e-5  # the issue's bar: logits change by at most 1e-5 relative (max |diff| / max |logit|)
 
 MLP_OF = {"gpt2": ("transformer.h.{}.mlp.c_fc", "transformer.h.{}.mlp.c_proj"),
           "bert": ("bert.encoder.layer.{}.intermediate.dense", "bert.encoder.layer.{}.output.dense"),
           "llama": ("model.layers.{}.mlp.up_proj", "model.layers.{}.mlp.down_proj")}
 STACK = {"gpt2": "transformer.h", "bert": "bert.encoder.layer", "llama": "model.layers"}
-
-
-def logits(model, x=None, **kw):
-    with torch.no_grad():
-        return model(**(x or ids()), **kw).logits
-
-
-def rel_change(a, b):
-    return float((a - b).abs().max() / a.abs().max())
-
-
-def snapshot(model):
-    return {k: v.clone() for k, v in model.state_dict().items()}, model.config.to_dict()
-
-
-def assert_untouched(model, snap):
-    state, config = snap
-    now = model.state_dict()
-    assert now.keys() == state.keys()
-    assert all(torch.equal(now[k], v) for k, v in state.items())
-    assert model.config.to_dict() == config
 
 
 # --------------------------------------------------------------------------------------- function preservation
@@ -185,6 +162,7 @@ def test_remove_heads(arch):
     assert "[0, 3]" in report.changes[0]
     assert rel_change(logits(zeroed), logits(new)) <= REL
     assert report.config == {}  # one block changed: the config cannot say it
+    assert any("1 of 2 blocks changed" in n for n in report.notes)
 
 
 def test_remove_heads_gqa_keeps_groups_equal():
@@ -299,6 +277,39 @@ def test_untraceable_rule_names_the_node():
     assert "blocks.0.mlp" in str(info.value)
 
 
+class _Branching(_Reshaping):
+    """Python control flow on a tensor value: torch.fx cannot trace it."""
+
+    def forward(self, x):
+        h = self.fc(x)
+        if h.sum() > 0:
+            h = h.relu()
+        return self.out(h)
+
+
+class _Scaled(_Reshaping):
+    """Intermediate features times a learned per-feature vector: a parameter Net2Net would have to replicate."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(16))
+
+    def forward(self, x):
+        return self.out(self.fc(x).relu() * self.scale)
+
+
+def test_parameters_between_the_linears_are_refused():
+    model = _Net(_Scaled)
+    with pytest.raises(GraphError, match=r"(?s)blocks.0.mlp: node 'mul' \(call_function mul\) is not a per-feature"):
+        widen_mlp(model, 20, probe=torch.randn(2, 8))
+
+
+def test_untraceable_mlp_is_refused_naming_the_module():
+    model = _Net(_Branching)
+    with pytest.raises(GraphError, match=r"(?s)no MLP found in 'blocks.0'.*blocks.0.mlp: torch.fx cannot trace it"):
+        narrow_mlp(model, 8, probe=torch.randn(2, 8))
+
+
 def test_plain_pytorch_block_is_grown():
     model = _Net(_Plain)
     x = torch.randn(3, 8)
@@ -368,3 +379,49 @@ def test_taylor_mlp_importance_keeps_the_units_whose_removal_costs_least():
         narrow_mlp(model, 11, importance="taylor")
     with pytest.raises(TypeError, match="has no loss"):
         narrow_mlp(model, 11, importance="taylor", data={"input_ids": x["input_ids"]})
+
+
+def test_widen_mlp_noise_breaks_symmetry_and_reports_the_change():
+    model = build("llama")
+    new, report = widen_mlp(model, 60, noise=0.1, generator=torch.Generator().manual_seed(0), probe=ids())
+    assert report.max_abs_deviation == pytest.approx(float((logits(new) - logits(model)).abs().max()), rel=1e-5)
+    assert 0 < report.relative_deviation < 0.5 and any("noise" in n for n in report.notes)
+    up = new.model.layers[0].mlp.up_proj.weight
+    old = model.model.layers[0].mlp.up_proj.weight
+    assert torch.equal(up[:48], old)  # the old units are untouched
+    with pytest.raises(ValueError, match="noise"):
+        widen_mlp(model, 60, noise=-1.0)
+
+
+def test_sequential_api_points_transformer_users_to_the_block_operators():
+    from nnopt.transfer import widen
+
+    model = build("bert")
+    with pytest.raises(ValueError, match=r"not a child of an nn.Sequential.*widen_mlp"):
+        widen(model, "bert.encoder.layer.0.intermediate.dense", 64)
+
+
+def test_gqa_groups_added_and_removed_whole():
+    model = build("llama", heads=8, kv_heads=2)  # 2 groups of 4 query heads, head size 4
+    snap = snapshot(model)
+    new, report = add_heads(model, 1, by="group")
+    attn = new.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (12 * 4, 3 * 4, 3 * 4)
+    assert attn.num_key_value_groups == 4 and new.config.num_key_value_heads == 3
+    assert new.config.num_attention_heads == 12 and report.max_abs_deviation == 0.0
+    assert_untouched(model, snap)
+
+    def second_group_weak(m, att):
+        return torch.tensor([1.0, 1, 1, 1, 0, 0, 0, 0])
+
+    new, report = remove_heads(model, 1, by="group", importance=second_group_weak)
+    attn, old = new.model.layers[1].self_attn, model.model.layers[1].self_attn
+    assert torch.equal(attn.q_proj.weight, old.q_proj.weight[:16]) and torch.equal(attn.k_proj.weight,
+                                                                                 old.k_proj.weight[:4])
+    assert torch.equal(attn.o_proj.weight, old.o_proj.weight[:, :16]) and attn.num_key_value_groups == 4
+    assert new.config.num_key_value_heads == 1 and "[4, 5, 6, 7]" in report.changes[0]
+    logits(new)
+    with pytest.raises(ValueError, match="cannot remove 2 key-value groups"):
+        remove_heads(model, 2, by="group")
+    with pytest.raises(ValueError, match="by must be 'query' or 'group'"):
+        add_heads(model, 1, by="kv")

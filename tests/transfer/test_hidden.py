@@ -7,8 +7,7 @@ import torch
 from nnopt import sparsity
 from nnopt.prune.methods import l1_unstructured
 from nnopt.transfer import widen_hidden
-from tests.transfer._hf import ARCHS, build, ids
-from tests.transfer.test_grow import REL, assert_untouched, logits, rel_change, snapshot
+from tests.transfer._hf import ARCHS, REL, assert_untouched, build, ids, logits, rel_change, snapshot
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -78,3 +77,16 @@ def test_bad_input():
     with pytest.raises(TypeError, match="new_size must be an int"):
         widen_hidden(model, 64.0)
     assert_untouched(model, snap)
+
+
+def test_a_model_without_head_outputs_the_old_features_first():
+    from transformers import GPT2Model
+
+    model = build("gpt2")
+    bare = GPT2Model(model.config).eval()
+    new, report = widen_hidden(bare, 64, probe=ids())
+    with torch.no_grad():
+        a, b = bare(**ids()).last_hidden_state, new(**ids()).last_hidden_state
+    assert b.shape[-1] == 64 and torch.allclose(b[..., :32], a, atol=1e-5) and torch.allclose(b[..., 32:], a,
+                                                                                           atol=1e-5)
+    assert report.max_abs_deviation < 1e-5 and "first 32 of 64" in report.probe
