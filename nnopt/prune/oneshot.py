@@ -332,13 +332,15 @@ def _replace_hidden(entry, hidden):
 
 
 def _groups(block, layers, entry):
-    """Layers of ``block`` grouped by the input tensor they read, in execution order; and those never called."""
+    """Layers of ``block`` grouped by the input tensor they read, in execution order; and those never called.
+
+    Inputs are told apart by identity, with every one held alive until the forward ends (a freed tensor's memory
+    can come back with the same address and shape for the next layer's input)."""
     seen, handles = [], []
 
     def make(name, module):
         def hook(mod, args):
-            x = args[0]
-            seen.append((name, module, (x.data_ptr(), tuple(x.shape), x.stride())))
+            seen.append((name, module, args[0]))
         return hook
 
     for name, module in layers:
@@ -348,15 +350,16 @@ def _groups(block, layers, entry):
     finally:
         for h in handles:
             h.remove()
-    groups, keys, done = [], {}, set()
-    for name, module, key in seen:
+    groups, inputs, done = [], [], set()
+    for name, module, x in seen:
         if name in done:
             continue
         done.add(name)
-        if key in keys:
-            groups[keys[key]].append((name, module))
+        index = next((i for i, y in enumerate(inputs) if y is x), None)
+        if index is not None:
+            groups[index].append((name, module))
         else:
-            keys[key] = len(groups)
+            inputs.append(x)
             groups.append([(name, module)])
     missing = [n for n, _ in layers if n not in done]
     return groups, missing

@@ -31,8 +31,9 @@ def _bottom(values, count):
     return order[:count]
 
 
-def wanda_mask(weight, norms, pattern="unstructured", sparsity=None):
-    """Keep-mask ``[out, in]`` of score ``|W_ij| · norms_j`` (float32): per row, per N:M group, or per block."""
+def wanda_mask(weight, norms, pattern="unstructured", sparsity=None, comparison="output"):
+    """Keep-mask ``[out, in]`` of score ``|W_ij| · norms_j`` (float32): per row (or per layer), per N:M group, or
+    per block."""
     kind, arg = _parse(pattern)
     score = weight.abs().float() * norms.float().unsqueeze(0)
     rows, cols = score.shape
@@ -44,6 +45,11 @@ def wanda_mask(weight, norms, pattern="unstructured", sparsity=None):
         for t in _top(flat, len(flat) - int(len(flat) * sparsity)):
             r, c = divmod(t, cols // bk)
             keep[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] = True
+        return keep
+    if kind == "unstructured" and comparison == "layer":
+        flat = score.flatten().tolist()
+        for t in _top(flat, len(flat) - int(len(flat) * sparsity)):
+            keep[t // cols, t % cols] = True
         return keep
     for r in range(rows):
         row = score[r].tolist()

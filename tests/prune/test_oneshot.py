@@ -50,6 +50,17 @@ def test_wanda_mask_equals_reference(pattern, sparsity):
         assert (keep.sum(1) == 24 - int(24 * sparsity)).all()
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_wanda_layer_comparison_equals_reference(sparsity):
+    w, x = torch.randn(12, 24), correlated_inputs(50, 24)
+    norms = x.square().sum(0).sqrt()
+    keep = wanda_mask(w, norms, "unstructured", sparsity, comparison="layer")
+    assert torch.equal(keep, ref.wanda_mask(w, norms, "unstructured", sparsity, comparison="layer"))
+    assert int((~keep).sum()) == int(w.numel() * sparsity)
+    with pytest.raises(ValueError, match="comparison must be one of"):
+        wanda_mask(w, norms, "unstructured", sparsity, comparison="row")
+
+
 @pytest.mark.parametrize("pattern,sparsity", PATTERNS)
 def test_wanda_ties_keep_the_lower_index(pattern, sparsity):
     w = torch.randint(-2, 3, (12, 24)).float()  # many equal scores
@@ -270,3 +281,21 @@ def test_not_positive_definite_names_the_layer():
     h = -torch.eye(8)
     with pytest.raises(RuntimeError, match="layer 'blk.fc'.*percdamp"):
         inverse_hessian_factor(h, 0.01, "blk.fc")
+
+
+@pytest.mark.parametrize("kind,groups", [
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+])
+def test_layers_grouped_by_shared_input(kind, groups):
+    """Layers share statistics only when they read the same tensor (not merely a reused address)."""
+    pytest.importorskip("transformers")
+    from nnopt.prune import oneshot
+
+    model = _tiny(kind).eval()
+    blocks, by_block = oneshot.select(model)
+    name, block = blocks[0]
+    entries = oneshot._capture(model, block, _calibration(1), "cpu", name)
+    found, missing = oneshot._groups(block, by_block[name], entries[0])
+    assert [[n.split(".", 3)[-1] for n, _ in g] for g in found] == groups and not missing
