@@ -7,7 +7,28 @@ remaining column at once), in float64, with H⁻¹ from ``torch.linalg.inv``. Sm
 
 import torch
 
-__all__ = ["wanda_mask", "sparsegpt"]
+__all__ = ["wanda_mask", "sparsegpt", "sparsegpt_block"]
+
+
+def sparsegpt_block(w, u, pruned, err, n, m):
+    """SparseGPT's column-block update in place (the ``torch`` backend of the oneshot family; see
+    csrc/cpu/oneshot.cpp for the semantics): w [rows, count] ends pruned, err gets the column errors, pruned the
+    final mask (N:M groups chosen at their first column when m > 0)."""
+    count = w.shape[1]
+    d = u.diagonal()
+    for i in range(count):
+        if m and i % m == 0:
+            tmp = w[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
+            tmp.masked_fill_(pruned[:, i:i + m], -1.0)
+            idx = torch.sort(tmp, dim=1, stable=True).indices[:, :m - n]
+            pruned[:, i:i + m].scatter_(1, idx, True)
+        col = w[:, i]
+        q = col.masked_fill(pruned[:, i], 0.0)
+        e = (col - q) / u[i, i]
+        err[:, i] = e
+        if i + 1 < count:
+            w[:, i + 1:].addr_(e, u[i, i + 1:], alpha=-1.0)
+        w[:, i] = q
 
 
 def _parse(pattern):

@@ -11,6 +11,7 @@ from nnopt.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from nnopt.prune.wanda import wanda_mask
 from nnopt.reference import oneshot as ref
 from nnopt.testing import assert_close
+from tests.conftest import skip_unless_available
 
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None), ("1:3", None), ((4, 6), 0.5)]
 
@@ -71,20 +72,66 @@ def test_wanda_ties_keep_the_lower_index(pattern, sparsity):
 
 # ---- SparseGPT: the paper's algorithm, float64 ----------------------------------------------------------------
 
+BACKENDS = ["cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern,sparsity", PATTERNS)
 @pytest.mark.parametrize("blocksize", [8, 128])
-def test_sparsegpt_equals_reference(pattern, sparsity, blocksize):
+def test_sparsegpt_equals_reference(pattern, sparsity, blocksize, backend):
+    skip_unless_available(backend, "cpu", "oneshot")
     w = torch.randn(12, 24, dtype=torch.float64)
     x = correlated_inputs(80, 24).double()
     x[:, 5] = 0  # a dead input
     h = x.T @ x
     upper, dead = inverse_hessian_factor(h.clone(), 0.01)
-    new, keep = sparsegpt_prune(w, upper, dead, pattern, sparsity, blocksize)
+    new, keep = sparsegpt_prune(w, upper, dead, pattern, sparsity, blocksize, backend=backend)
     want, want_keep = ref.sparsegpt(w, h, pattern, sparsity, blocksize, 0.01)
     assert torch.equal(keep, want_keep)
     torch.testing.assert_close(new, want, rtol=1e-6, atol=1e-6)
     assert (new[~keep] == 0).all()
     held_pattern(keep, pattern, sparsity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4), (1, 3)])
+def test_sparsegpt_block_kernel_equals_torch(dtype, n, m):
+    """The C++ column-block update against the torch one (the `torch` backend), odd sizes, an earlier mask."""
+    skip_unless_available("cpu", "cpu", "oneshot")
+    from nnopt import backends
+
+    rows, count = 37, 24
+    w = torch.randn(rows, count, dtype=dtype)
+    a = torch.randn(count, count, dtype=torch.float64)
+    u = torch.linalg.cholesky(a @ a.T + count * torch.eye(count, dtype=torch.float64), upper=True)
+    u = u.to(dtype).contiguous()
+    pruned = torch.rand(rows, count) < (0.1 if m else 0.5)
+    outs = {}
+    for name in BACKENDS:
+        impl = backends.implementation("oneshot", name)
+        ww, pp, ee = w.clone(), pruned.clone(), torch.empty_like(w)
+        impl.sparsegpt_block(ww, u, pp, ee, n, m)
+        outs[name] = (ww, pp, ee)
+    assert torch.equal(outs["cpu"][1], outs["torch"][1])
+    assert (outs["cpu"][0][outs["cpu"][1]] == 0).all()
+    assert_close(outs["cpu"][0], outs["torch"][0], reduction_length=count)
+    assert_close(outs["cpu"][2], outs["torch"][2], reduction_length=count)
+
+
+def test_sparsegpt_block_opcheck_and_bad_input():
+    skip_unless_available("cpu", "cpu", "oneshot")
+    from nnopt import _ext
+
+    _ext.load()
+    op = torch.ops.nnopt.sparsegpt_block_
+    w, u = torch.randn(5, 8), torch.eye(8) + torch.triu(torch.rand(8, 8), 1)
+    torch.library.opcheck(op, (w, u, torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 2, 4))
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: u must be"):
+        op(w, u[:4, :4].contiguous(), torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 0, 0)
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: need 0 <= n <= m"):
+        op(w, u, torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 5, 4)
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: pruned must be"):
+        op(w, u, torch.zeros(5, 8), torch.empty(5, 8), 0, 0)
 
 
 def test_stats_match_direct_products():
