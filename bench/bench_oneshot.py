@@ -144,8 +144,8 @@ def plot(rows, dense, path):
 
 
 def run_recon(args):
-    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "prune"))
-    from test_oneshot import correlated_inputs
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.prune.test_oneshot import correlated_inputs  # the inputs of the test of the same bar
 
     torch.manual_seed(0)
     k, out = 512, 256
@@ -257,6 +257,7 @@ def run_memory(args):
         for atomic in (False, True):
             cmd = [sys.executable, __file__, "memory-child", "--method", method, "--d-model", str(args.d_model),
                    "--layers", str(args.layers), "--seq", str(args.seq)] + (["--atomic"] if atomic else [])
+            cmd += ["--threads", str(args.threads)] if args.threads else []
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
             peak, acts, k2, temps = map(int, out.split("RESULT")[1].split())
             mib = 1 << 20

@@ -346,3 +346,18 @@ def test_layers_grouped_by_shared_input(kind, groups):
     entries = oneshot._capture(model, block, _calibration(1), "cpu", name)
     found, missing = oneshot._groups(block, by_block[name], entries[0])
     assert [[n.split(".", 3)[-1] for n, _ in g] for g in found] == groups and not missing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_cuda_matches_cpu(method):
+    """On a GPU: one-shot pruning of a Llama config on CUDA (SparseGPT through its `torch` backend there) gives the
+    CPU's masks (all but a few near-tied entries) and close weights."""
+    pytest.importorskip("transformers")
+    cpu, gpu = _tiny("llama"), _tiny("llama").cuda()
+    calib = _calibration()
+    getattr(prune, method)(cpu, calib, 0.5)
+    getattr(prune, method)(gpu, calib, 0.5)
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
+        if name.endswith("weight_mask"):
+            assert float((a == b.cpu()).float().mean()) > 0.99, name
