@@ -361,3 +361,21 @@ def test_cuda_matches_cpu(method):
     for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
         if name.endswith("weight_mask"):
             assert float((a == b.cpu()).float().mean()) > 0.99, name
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ((8, 8), 0.5)])
+def test_result_converts_to_masked_linear(pattern, sparsity):
+    """One-shot masks are the masks MaskedLinear takes over: same logits after conversion, generate still runs."""
+    pytest.importorskip("transformers")
+    import nnopt.nn
+
+    model = _tiny("llama").eval()
+    prune.sparsegpt(model, _calibration(), sparsity, pattern=pattern)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        nnopt.nn.convert(model, include=["model.layers.*"], block_size=(8, 8))
+        after = model(input_ids=ids).logits
+    assert isinstance(model.model.layers[0].mlp.down_proj, nnopt.nn.MaskedLinear)
+    assert_close(after, before, reduction_length=128)
+    model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
