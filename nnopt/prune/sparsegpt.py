@@ -162,17 +162,19 @@ def _check_args(blocksize, percdamp):
 
 
 def sparsegpt(model, calibration, sparsity=None, pattern="unstructured", blocksize=128, percdamp=0.01, layers=None,
-              skip=("lm_head", "*.lm_head"), blocks=None, atomic=True, backend=None):
+              skip=("lm_head", "*.lm_head"), blocks=None, atomic=True, backend=None, owl=None):
     """Prunes ``model``'s linear layers in place with SparseGPT; returns ``{layer name: sparsity}``.
 
     Arguments as ``nnopt.prune.wanda``, plus blocksize (columns per lazy-update block, 128 as the paper) and
     percdamp (damping, a fraction of the Hessian's mean diagonal). The remaining weights are updated to
     reconstruct each layer's outputs on the calibration inputs. backend: the column-block update's (None: auto).
+    owl: None or (M, lambda) for OWL's per-block sparsities (see ``nnopt.prune.oneshot``).
     """
     _check_args(blocksize, percdamp)
     backends.requested(backend)  # an unknown name fails here, before anything runs
     method = _SparseGPT(blocksize, float(percdamp), backend)
     try:
-        return oneshot.run(model, calibration, method, sparsity, pattern, layers, skip, blocks, atomic, "sparsegpt")
+        return oneshot.run(model, calibration, method, sparsity, pattern, layers, skip, blocks, atomic, "sparsegpt",
+                           owl)
     finally:
         method.release()

@@ -112,16 +112,17 @@ class _Wanda:
 
 
 def wanda(model, calibration, sparsity=None, pattern="unstructured", layers=None, skip=("lm_head", "*.lm_head"),
-          blocks=None, atomic=True, comparison="output"):
+          blocks=None, atomic=True, comparison="output", owl=None):
     """Prunes ``model``'s linear layers in place with Wanda; returns ``{layer name: sparsity}``.
 
     calibration: an iterable of model inputs (tensors, dicts of tensors as a DataLoader of tokenized text yields,
     or tuples), e.g. 128 sequences. sparsity: a float in [0, 1) or a dict of glob -> float (None for N:M).
     pattern: "unstructured", "N:M" (e.g. "2:4") or a (bn, bk) block. layers / skip / blocks / atomic: see
     ``nnopt.prune.oneshot``. comparison: "output" (per output row, the paper's default) or "layer" (the whole
-    layer), for unstructured sparsity. The model runs in eval mode under no_grad, block by block; its training
+    layer), for unstructured sparsity. owl: None or (M, lambda) for OWL's per-block sparsities (see
+    ``nnopt.prune.oneshot``). The model runs in eval mode under no_grad, block by block; its training
     flag and ``config.use_cache`` are restored afterwards.
     """
     _check_comparison(comparison)
     return oneshot.run(model, calibration, _Wanda(comparison), sparsity, pattern, layers, skip, blocks, atomic,
-                       "wanda")
+                       "wanda", owl)

@@ -379,3 +379,40 @@ def test_result_converts_to_masked_linear(pattern, sparsity):
     assert isinstance(model.model.layers[0].mlp.down_proj, nnopt.nn.MaskedLinear)
     assert_close(after, before, reduction_length=128)
     model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+
+
+def test_owl_per_block_sparsity():
+    """OWL: blocks with more outlier Wanda scores (from a plain dense forward) are pruned less; the mean is S."""
+    pytest.importorskip("transformers")
+    from nnopt.demo import lm
+    from nnopt.layers import linear_modules, weight_as_linear
+
+    model = lm.build("llama", d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    calib = _calibration()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].flatten(0, -2)))
+             for n, m in linear_modules(model) if "layers" in n]
+    with torch.no_grad():
+        for ids in calib:
+            model(ids)
+    for h in hooks:
+        h.remove()
+    ratio = []
+    for b in range(4):
+        above = total = 0
+        for n, m in linear_modules(model):
+            if n.startswith(f"model.layers.{b}."):
+                x = torch.cat(inputs[n])
+                score = weight_as_linear(m).detach().abs() * x.square().sum(0).sqrt()
+                above += int((score > 5 * score.mean()).sum())
+                total += score.numel()
+        ratio.append(above / total)
+    result = prune.wanda(model, calib, 0.5, owl=(5, 0.1))
+    per_block = [result[f"model.layers.{b}.mlp.down_proj"] for b in range(4)]
+    assert abs(sum(per_block) / 4 - 0.5) < 0.02 and max(per_block) - min(per_block) > 0.1
+    order = sorted(range(4), key=lambda b: ratio[b])
+    assert [per_block[b] for b in order] == sorted(per_block, reverse=True)  # more outliers, less pruned
+    with pytest.raises(ValueError, match="owl: layer-wise ratios need"):
+        prune.wanda(_tiny("llama"), calib, None, pattern="2:4", owl=(5, 0.08))
+    with pytest.raises(ValueError, match=r"owl: sparsity 0.95 ± lambda"):
+        prune.sparsegpt(_tiny("llama"), calib, 0.95, owl=(5, 0.08))
