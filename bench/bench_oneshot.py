@@ -30,9 +30,13 @@ from nnopt.prune import oneshot  # noqa: E402
 
 SETTINGS = [("50%", "unstructured", 0.5), ("2:4", "2:4", None), ("70%", "unstructured", 0.7)]
 METHODS = ("magnitude", "wanda", "wanda (layer)", "sparsegpt")
+OWL = (5, 0.08)  # the OWL paper's M and lambda
 ONESHOT = {"wanda": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p),
            "wanda (layer)": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p, comparison="layer"),
-           "sparsegpt": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p)}
+           "sparsegpt": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p),
+           "wanda+owl": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p, owl=OWL),
+           "sparsegpt+owl": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p, owl=OWL)}
+TEXT_METHODS = METHODS + ("wanda+owl", "sparsegpt+owl")
 
 
 def magnitude(model, pattern, sparsity):
@@ -52,9 +56,10 @@ def train_lm(args, corpus):
 
     model = lm.build("gpt2", d_model=args.d_model, n_layers=args.layers, n_heads=4, seq_len=args.seq)
     if args.cache and os.path.exists(args.cache):
-        model.load_state_dict(torch.load(args.cache))
-        print(f"loaded the trained model from {args.cache}")
-        return model, None
+        saved = torch.load(args.cache)
+        model.load_state_dict(saved["state"])
+        print(f"loaded the trained model from {args.cache} (trained in {saved['seconds']:.0f} s)")
+        return model, saved["seconds"]
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.05)
     t0 = time.perf_counter()
@@ -67,7 +72,7 @@ def train_lm(args, corpus):
     lm.train(model, corpus, opt, args.steps, batch_size=args.batch, seq_len=args.seq, callback=progress)
     seconds = time.perf_counter() - t0
     if args.cache:
-        torch.save(model.state_dict(), args.cache)
+        torch.save({"state": model.state_dict(), "seconds": seconds}, args.cache)
     return model, seconds
 
 
@@ -86,7 +91,10 @@ def run_text(args):
     rows, ppl = [], {}
     for label, pattern, sparsity in SETTINGS:
         row = {"setting": label, "dense": dense}
-        for method in METHODS:
+        for method in TEXT_METHODS:
+            if method.endswith("owl") and pattern != "unstructured":
+                row[method] = row[method + " s"] = "-"  # OWL varies the sparsity per block: not for N:M
+                continue
             m = copy.deepcopy(model)
             t0 = time.perf_counter()
             if method == "magnitude":
@@ -99,6 +107,7 @@ def run_text(args):
             print(f"{label:4s} {method:9s} perplexity {row[method]:.3f}  ({seconds:.1f} s)", flush=True)
         rows.append(row)
     inc = {k: ppl[k] - dense for k in ppl}
+    owl_50 = {meth: inc[("50%", meth + "+owl")] / inc[("50%", "magnitude")] for meth in ("wanda", "sparsegpt")}
     bar_50 = {meth: inc[("50%", meth)] / inc[("50%", "magnitude")] for meth in METHODS[1:]}
     lines = [
         f"GPT-2-style byte LM (d_model {args.d_model}, {args.layers} blocks, context {args.seq}, "
@@ -107,10 +116,13 @@ def run_text(args):
         f"held-out perplexity on {args.eval_windows} windows of {args.seq} bytes; 128 calibration sequences "
         "from the training split. Same layers pruned by every method (the blocks' Conv1D layers; wte/lm_head "
         "dense). Shared, loaded machine.", "",
-        harness.table(rows, ["setting", "dense", *METHODS] + [m + " s" for m in METHODS]), "",
+        harness.table(rows, ["setting", "dense", *TEXT_METHODS]), "",
+        "Seconds per pruning run:", "",
+        harness.table(rows, ["setting"] + [m + " s" for m in TEXT_METHODS]), "",
         f"At 50%: perplexity increase over dense, as a fraction of magnitude's: Wanda {bar_50['wanda']:.3f} "
-        f"(per-layer comparison: {bar_50['wanda (layer)']:.3f}), SparseGPT {bar_50['sparsegpt']:.3f} "
-        "(bar <= 0.333). At 2:4: SparseGPT {ppl[('2:4', 'sparsegpt')]:.3f} "
+        f"(per-layer comparison: {bar_50['wanda (layer)']:.3f}; OWL {owl_50['wanda']:.3f}), SparseGPT "
+        f"{bar_50['sparsegpt']:.3f} (OWL {owl_50['sparsegpt']:.3f}) "
+        f"(bar <= 0.333 each). At 2:4: SparseGPT {ppl[('2:4', 'sparsegpt')]:.3f} "
         f"vs Wanda {ppl[('2:4', 'wanda')]:.3f} (bar: SparseGPT <= Wanda).",
     ]
     if args.plot:
@@ -128,10 +140,10 @@ def plot(rows, dense, path):
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4))
-    width = 0.2
-    for i, method in enumerate(METHODS):
-        xs = [j + (i - 1.5) * width for j in range(len(rows))]
-        ax.bar(xs, [r[method] for r in rows], width, label=method)
+    width = 0.8 / len(TEXT_METHODS)
+    for i, method in enumerate(TEXT_METHODS):
+        xs = [j + (i - (len(TEXT_METHODS) - 1) / 2) * width for j in range(len(rows))]
+        ax.bar(xs, [r[method] if r[method] != "-" else 0 for r in rows], width, label=method)
     ax.axhline(dense, color="k", linestyle="--", linewidth=1, label=f"dense ({dense:.2f})")
     ax.set_xticks(range(len(rows)), [r["setting"] for r in rows])
     ax.set_yscale("log")
@@ -312,7 +324,7 @@ def main():
     p.add_argument("part", choices=["text", "recon", "speed", "memory", "memory-child"])
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--lr", type=float, default=3e-3)
+    p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seq", type=int, default=128)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--layers", type=int, default=4)
