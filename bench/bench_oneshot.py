@@ -119,11 +119,11 @@ def run_text(args):
         harness.table(rows, ["setting", "dense", *TEXT_METHODS]), "",
         "Seconds per pruning run:", "",
         harness.table(rows, ["setting"] + [m + " s" for m in TEXT_METHODS]), "",
-        f"At 50%: perplexity increase over dense, as a fraction of magnitude's: Wanda {bar_50['wanda']:.3f} "
-        f"(per-layer comparison: {bar_50['wanda (layer)']:.3f}; OWL {owl_50['wanda']:.3f}), SparseGPT "
-        f"{bar_50['sparsegpt']:.3f} (OWL {owl_50['sparsegpt']:.3f}) "
-        f"(bar <= 0.333 each). At 2:4: SparseGPT {ppl[('2:4', 'sparsegpt')]:.3f} "
-        f"vs Wanda {ppl[('2:4', 'wanda')]:.3f} (bar: SparseGPT <= Wanda).",
+        (f"At 50%: perplexity increase over dense, as a fraction of magnitude's: Wanda {bar_50['wanda']:.3f} "
+         f"(per-layer comparison: {bar_50['wanda (layer)']:.3f}; OWL {owl_50['wanda']:.3f}), SparseGPT "
+         f"{bar_50['sparsegpt']:.3f} (OWL {owl_50['sparsegpt']:.3f}) "
+         f"(bar <= 0.333 each). At 2:4: SparseGPT {ppl[('2:4', 'sparsegpt')]:.3f} "
+         f"vs Wanda {ppl[('2:4', 'wanda')]:.3f} (bar: SparseGPT <= Wanda)."),
     ]
     if args.plot:
         plot(rows, dense, args.plot)

@@ -46,7 +46,7 @@ import torch
 from nnopt.layers import in_out_features, is_conv1d, is_linear_like, weight_as_linear
 from nnopt.prune._contract import MASK_SUFFIX, apply_mask, remove_mask
 
-__all__ = ["Pattern", "parse_pattern", "run", "Stats"]
+__all__ = ["Pattern", "Stats", "parse_pattern", "run"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,7 +31,7 @@ from nnopt.prune import oneshot
 
 FAMILY = "oneshot"
 
-__all__ = ["sparsegpt", "sparsegpt_prune", "inverse_hessian_factor"]
+__all__ = ["inverse_hessian_factor", "sparsegpt", "sparsegpt_prune"]
 
 
 def inverse_hessian_factor(hessian, percdamp=0.01, name="weight"):

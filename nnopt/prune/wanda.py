@@ -19,7 +19,7 @@ import torch
 
 from nnopt.prune import oneshot
 
-__all__ = ["wanda", "wanda_scores", "wanda_mask"]
+__all__ = ["wanda", "wanda_mask", "wanda_scores"]
 
 
 def wanda_scores(weight, norms):

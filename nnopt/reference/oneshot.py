@@ -7,7 +7,7 @@ remaining column at once), in float64, with H⁻¹ from ``torch.linalg.inv``. Sm
 
 import torch
 
-__all__ = ["wanda_mask", "sparsegpt", "sparsegpt_block"]
+__all__ = ["sparsegpt", "sparsegpt_block", "wanda_mask"]
 
 
 def sparsegpt_block(w, u, pruned, err, n, m):
