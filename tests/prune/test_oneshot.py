@@ -416,3 +416,16 @@ def test_owl_per_block_sparsity():
         prune.wanda(_tiny("llama"), calib, None, pattern="2:4", owl=(5, 0.08))
     with pytest.raises(ValueError, match=r"owl: sparsity 0.95 ± lambda"):
         prune.sparsegpt(_tiny("llama"), calib, 0.95, owl=(5, 0.08))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bfloat16_model(method):
+    """A bf16 model: statistics and updates in float32, weights written back in bf16, the pattern exact."""
+    pytest.importorskip("transformers")
+    model = _tiny("llama").to(torch.bfloat16)
+    getattr(prune, method)(model, _calibration(), None, pattern="2:4")
+    m = model.model.layers[1].mlp.down_proj
+    assert m.weight.dtype == torch.bfloat16
+    held_pattern(m.weight_mask, "2:4", None)
+    assert (m.weight[~m.weight_mask] == 0).all()
+    model.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=2, do_sample=False)
