@@ -22,7 +22,7 @@ $PY -m nnopt info 2>&1 | tee "$LOG/info.txt"
 nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv 2>&1 | tee -a "$LOG/info.txt"
 
 echo "== GPU tests"
-timeout 240 $PY -m pytest tests/kernels tests/optim tests/nn tests/transfer -q -rs --durations=15 -k "cuda or gpu" \
+timeout 240 $PY -m pytest tests/kernels tests/optim tests/nn tests/transfer tests/prune -q -rs --durations=15 -k "cuda or gpu" \
   -p no:cacheprovider >"$LOG/tests.log" 2>&1
 rc=$?
 tail -25 "$LOG/tests.log"

@@ -124,6 +124,13 @@ TORCH_LIBRARY(nnopt, m) {
   m.def(
       "distill_loss_fwd(Tensor student, Tensor teacher, Tensor? target, *, float temperature, float alpha, "
       "str kind, float beta, float scale, int ignore_index, str reduction, bool need_grad=True) -> (Tensor, Tensor)");
+
+  // SparseGPT's column-block update (family: oneshot; driver nnopt/prune/sparsegpt.py, oracle
+  // nnopt/reference/oneshot.py): over the block's columns in order, prunes w [rows, count] where pruned is true
+  // (N:M with m > 0: the m - n lowest w^2/u_jj^2 of each group are marked at its first column), writes each
+  // column's error e = (w - q) / u_ii to err and subtracts e * u[i, i+1:] from the later columns; w ends pruned.
+  // u [count, count] (w's dtype), pruned bool, err like w; all contiguous, float32 or float64.
+  m.def("sparsegpt_block_(Tensor(a!) w, Tensor u, Tensor(b!) pruned, Tensor(c!) err, int n, int m) -> ()");
 }
 
 // `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.

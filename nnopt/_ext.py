@@ -16,9 +16,10 @@ OPS = {
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_pack",
                       "masked_linear_packed"),
     "distill_loss": ("distill_loss_fwd",),
+    "oneshot": ("sparsegpt_block",),
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
-_INPLACE = {"fused_optim", "select"}
+_INPLACE = {"fused_optim", "select", "oneshot"}
 _FUNCTIONAL = {"l2_norms"}  # ops of an in-place family that return a new tensor
 
 
@@ -55,6 +56,8 @@ def _register_fakes():
                                                                                          dtype=torch.float32))
     # The select histogram adds into its `hist` argument in place and returns nothing.
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
+    # SparseGPT's column-block update works in place on its w, pruned and err arguments.
+    torch.library.register_fake("nnopt::sparsegpt_block_")(_noop)
     # The masked linear products allocate their results: the fakes give shape, dtype and device.
     torch.library.register_fake("nnopt::masked_linear")(
         lambda x, weight, mask, bias, row_ptr, col_idx, full, block_n, block_k: x.new_empty(

@@ -25,10 +25,14 @@ AUTO_ORDER = {
     "select": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "masked_linear": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "distill_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
+    "oneshot": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
 }
 
 # Families whose GPU kernels are Triton only (cuBLAS-class dense tiles are Triton's strength).
-_NO_CUDA_KERNELS = {"masked_linear", "distill_loss"}
+_NO_CUDA_KERNELS = {"masked_linear", "distill_loss", "oneshot"}
+# Families with no Triton kernels: SparseGPT's column loop is sequential per row, a poor fit for Triton tiles, and
+# on GPU torch's batched ops already keep the device busy.
+_NO_TRITON_KERNELS = {"oneshot"}
 
 _current = contextvars.ContextVar("nnopt_backend", default=None)
 
@@ -100,11 +104,14 @@ def missing(backend, device="cpu", family="fused_optim"):
         if why is not None:
             return why
         if family in _NO_CUDA_KERNELS:
-            return f"the {family} family has no CUDA C++ kernels; its GPU backend is 'triton'"
+            gpu = "'torch'" if family in _NO_TRITON_KERNELS else "'triton'"
+            return f"the {family} family has no CUDA C++ kernels; its GPU backend is {gpu}"
         if not _ext.has_kernel(_ext.op_name(family), "CUDA"):
             return "nnopt._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
         return None
     if backend == "triton":
+        if family in _NO_TRITON_KERNELS:
+            return f"the {family} family has no Triton kernels; its backends are 'cpu' and 'torch'"
         why = triton_missing()
         if why is not None:
             return why

@@ -18,6 +18,11 @@ block), minus ``skip`` (default: ``lm_head``) and any layer whose weight is an e
 narrows the choice: glob patterns on the qualified names (``"*.mlp.*"``), a list of them, or a callable
 ``(name, module) -> bool``. Embeddings are never pruned here.
 
+OWL (``owl=(M, lambda)``, Yin et al. 2024, "Outlier Weighed Layerwise Sparsity"): instead of one sparsity for
+every block, blocks whose Wanda scores hold more outliers (scores above M times their layer's mean) are pruned
+less, linearly within [S - lambda, S + lambda] and S on average (the paper uses M = 5, lambda = 0.08); it costs one
+dense pass over the blocks before pruning.
+
 Patterns (``pattern=``): ``"unstructured"`` (default; each method's own comparison group), ``"N:M"`` (keep ``N`` of
 every ``M`` consecutive weights along the input dimension, in every output row; ``sparsity`` is then 1 - N/M and
 may be omitted) or a ``(bn, bk)`` tuple (whole ``bn`` outputs × ``bk`` inputs blocks, scored per block). A
@@ -41,7 +46,7 @@ import torch
 from nnopt.layers import in_out_features, is_conv1d, is_linear_like, weight_as_linear
 from nnopt.prune._contract import MASK_SUFFIX, apply_mask, remove_mask
 
-__all__ = ["Pattern", "parse_pattern", "run", "Stats"]
+__all__ = ["Pattern", "Stats", "parse_pattern", "run"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,10 +236,12 @@ class Stats:
     def add(self, x):
         x = x.detach().reshape(-1, self.k)
         self.count += x.shape[0]
-        x = x.float()
         if self.kind == "norms":
-            self.value.add_(x.square().sum(0))
+            # In chunks of ~512 KiB: the squares stay in cache (7x a whole-batch square().sum(0) at 2048×4096).
+            for chunk in x.split(max(1, (1 << 17) // self.k)):
+                self.value.add_(chunk.float().square().sum(0))
             return
+        x = x.float()
         k, h = self.k, self.value
         t = self.TILES if k >= 512 else 1
         edges = [k * i // t for i in range(t + 1)]
@@ -332,13 +339,15 @@ def _replace_hidden(entry, hidden):
 
 
 def _groups(block, layers, entry):
-    """Layers of ``block`` grouped by the input tensor they read, in execution order; and those never called."""
+    """Layers of ``block`` grouped by the input tensor they read, in execution order; and those never called.
+
+    Inputs are told apart by identity, with every one held alive until the forward ends (a freed tensor's memory
+    can come back with the same address and shape for the next layer's input)."""
     seen, handles = [], []
 
     def make(name, module):
         def hook(mod, args):
-            x = args[0]
-            seen.append((name, module, (x.data_ptr(), tuple(x.shape), x.stride())))
+            seen.append((name, module, args[0]))
         return hook
 
     for name, module in layers:
@@ -348,15 +357,16 @@ def _groups(block, layers, entry):
     finally:
         for h in handles:
             h.remove()
-    groups, keys, done = [], {}, set()
-    for name, module, key in seen:
+    groups, inputs, done = [], [], set()
+    for name, module, x in seen:
         if name in done:
             continue
         done.add(name)
-        if key in keys:
-            groups[keys[key]].append((name, module))
+        index = next((i for i, y in enumerate(inputs) if y is x), None)
+        if index is not None:
+            groups[index].append((name, module))
         else:
-            keys[key] = len(groups)
+            inputs.append(x)
             groups.append([(name, module)])
     missing = [n for n, _ in layers if n not in done]
     return groups, missing
@@ -407,9 +417,72 @@ class _Undo:
                 apply_mask(module, "weight", mask)
 
 
+def check_owl(owl, sparsity, pattern):
+    """``owl``: None or (M, lambda) with M > 0 and 0 <= lambda; only with a float sparsity, not with N:M."""
+    if owl is None:
+        return None
+    if not isinstance(owl, (tuple, list)) or len(owl) != 2 or not all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in owl):
+        raise TypeError(f"owl must be None or an (M, lambda) pair of numbers, e.g. (5, 0.08); got {owl!r}")
+    m, lam = float(owl[0]), float(owl[1])
+    if m <= 0 or lam < 0:
+        raise ValueError(f"owl=(M={m}, lambda={lam}): need M > 0 and lambda >= 0")
+    if pattern.kind == "nm" or isinstance(sparsity, dict) or sparsity is None:
+        raise ValueError("owl: layer-wise ratios need one float sparsity and an unstructured or block pattern")
+    s = _check_fraction(sparsity, "sparsity")
+    if s - lam < 0 or s + lam >= 1:
+        raise ValueError(f"owl: sparsity {s} ± lambda {lam} must stay inside [0, 1)")
+    return m, lam
+
+
+def _wanda_scores(block, layers, entries):
+    """The Wanda scores ``|W_ij| · ||X_j||`` (float32 ``[out, in]``) of ``block``'s layers on ``entries``."""
+    groups, _ = _groups(block, layers, entries[0])
+    scores = []
+    for group in groups:
+        norms = _collect(block, entries, group[0][1], "norms").finish().sqrt()
+        for _, module in group:
+            scores.append(weight_as_linear(module).detach().abs().float() * norms.unsqueeze(0))
+    return scores
+
+
+def _owl_targets(block_list, by_block, entries, sparsity, owl, targets):
+    """Per-layer sparsity from OWL (Yin et al., 2024): blocks with more outlier scores keep more weights.
+
+    A dense pass (no weight changes) over shallow copies of the block inputs gives each block's outlier ratio
+    D_l; the ratios are mapped linearly onto [S - lambda, S + lambda] (reversed: more outliers, less sparsity)
+    with mean S, as the paper's code does."""
+    m_factor, lam = owl
+    copies = [[e[0], e[1]] for e in entries]
+    ratios = {}
+    for index, (name, block) in enumerate(block_list):
+        if by_block.get(name):
+            above = total = 0
+            for score in _wanda_scores(block, by_block[name], copies):
+                above += int((score > m_factor * score.mean()).sum())
+                total += score.numel()
+            ratios[name] = above / total
+        if index + 1 < len(block_list):
+            for entry in copies:
+                _replace_hidden(entry, _hidden(_run_block(block, entry)))
+    values = torch.tensor(list(ratios.values()), dtype=torch.float64)
+    if len(values) > 1 and float(values.max() - values.min()) > 0:
+        density = (values - values.min()) / (values.max() - values.min()) * (2 * lam)
+        density = density - density.mean() + (1 - sparsity)
+    else:
+        density = torch.full_like(values, 1 - sparsity)
+    per_block = dict(zip(ratios, (1 - density).tolist()))
+    out = {}
+    for name, layers in by_block.items():
+        for n, _ in layers:
+            if n in targets:
+                out[n] = min(max(per_block[name], 0.0), 1.0 - 1e-9)
+    return out
+
+
 @torch.no_grad()
 def run(model, calibration, method, sparsity, pattern=None, layers=None, skip=("lm_head", "*.lm_head"),
-        blocks=None, atomic=True, label="oneshot"):
+        blocks=None, atomic=True, label="oneshot", owl=None):
     """Prunes ``model`` in place with ``method``; returns {layer name: its sparsity afterwards}.
 
     ``method``: an object with ``stats`` ("norms" or "hessian"), ``check(name, module)`` (argument checks per
@@ -417,6 +490,7 @@ def run(model, calibration, method, sparsity, pattern=None, layers=None, skip=("
     None, name) -> (new weight or None, keep mask [out, in] bool)``, or ``prune_group`` for a whole group.
     """
     pattern = parse_pattern(pattern)
+    owl = check_owl(owl, sparsity, pattern)
     block_list, by_block = select(model, layers, skip, blocks)
     names = [n for b in by_block.values() for n, _ in b]
     targets = _sparsities(sparsity, pattern, names)
@@ -438,6 +512,8 @@ def run(model, calibration, method, sparsity, pattern=None, layers=None, skip=("
         model.eval()
         first_name, first = block_list[0]
         entries = _capture(model, first, calibration, device, first_name)
+        if owl is not None:
+            targets = _owl_targets(block_list, by_block, entries, float(sparsity), owl, targets)
         for index, (block_name, block) in enumerate(block_list):
             todo = by_block.get(block_name, [])
             if todo:

@@ -26,9 +26,12 @@ The computation runs in float32 (float64 when the weight is float64); Cholesky a
 
 import torch
 
+from nnopt import backends
 from nnopt.prune import oneshot
 
-__all__ = ["sparsegpt", "sparsegpt_prune", "inverse_hessian_factor"]
+FAMILY = "oneshot"
+
+__all__ = ["inverse_hessian_factor", "sparsegpt", "sparsegpt_prune"]
 
 
 def inverse_hessian_factor(hessian, percdamp=0.01, name="weight"):
@@ -71,13 +74,16 @@ def _lowest(tmp, count):
 
 
 @torch.no_grad()
-def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, old=None):
+def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, old=None, backend=None):
     """SparseGPT on one layer: (new weight, keep mask), both ``[out, in]``; see the module docstring.
 
     weight: ``[out, in]`` (any float dtype; computed in float32, float64 stays float64); upper, dead: from
     ``inverse_hessian_factor``; pattern: a Pattern or its spelling; sparsity: float in [0, 1) (None for N:M);
-    old: an earlier keep-mask or None. Returns the pruned weight in the computation dtype.
+    old: an earlier keep-mask or None; backend: the column-block update's (family "oneshot": "cpu" runs
+    csrc/cpu/oneshot.cpp, "torch" the reference loop; see nnopt.backends). Returns the pruned weight in the
+    computation dtype.
     """
+    impl = backends.implementation(FAMILY, backends.resolve(FAMILY, backend, weight.device))
     pattern = pattern if isinstance(pattern, oneshot.Pattern) else oneshot.parse_pattern(pattern)
     sparsity = pattern.sparsity if pattern.kind == "nm" else sparsity
     dtype = torch.promote_types(weight.dtype, torch.float32)
@@ -92,8 +98,6 @@ def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, 
         i2 = min(i1 + width, cols)
         count = i2 - i1
         w1 = w[:, i1:i2].clone()
-        q1 = torch.zeros_like(w1)
-        err1 = torch.zeros_like(w1)
         u1 = upper[i1:i2, i1:i2]
         d = u1.diagonal()
         old1 = None if pruned_old is None else pruned_old[:, i1:i2]
@@ -117,21 +121,11 @@ def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, 
             mask1 = torch.zeros_like(w1, dtype=torch.bool)
         if old1 is not None:
             mask1 |= old1
-        n, m = pattern.n, pattern.m
-        for i in range(count):
-            col = w1[:, i]
-            if pattern.kind == "nm" and i % m == 0:
-                tmp = w1[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
-                if old1 is not None:
-                    tmp.masked_fill_(old1[:, i:i + m], -1.0)
-                idx = torch.sort(tmp, dim=1, stable=True).indices[:, :m - n]
-                mask1[:, i:i + m].scatter_(1, idx, True)
-            q = col.masked_fill(mask1[:, i], 0.0)
-            q1[:, i] = q
-            e = (col - q) / u1[i, i]
-            err1[:, i] = e
-            w1[:, i:].addr_(e, u1[i, i:], alpha=-1.0)
-        w[:, i1:i2] = q1
+        w1 = w1.contiguous()
+        err1 = torch.empty_like(w1)
+        mask1 = mask1.contiguous()
+        impl.sparsegpt_block(w1, u1.contiguous(), mask1, err1, pattern.n, pattern.m)
+        w[:, i1:i2] = w1
         if i2 < cols:
             w[:, i2:].addmm_(err1, upper[i1:i2, i2:], alpha=-1.0)
         keep[:, i1:i2] = ~mask1
@@ -141,8 +135,8 @@ def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, 
 class _SparseGPT:
     stats = "hessian"
 
-    def __init__(self, blocksize, percdamp):
-        self.blocksize, self.percdamp = blocksize, percdamp
+    def __init__(self, blocksize, percdamp, backend):
+        self.blocksize, self.percdamp, self.backend = blocksize, percdamp, backend
         self._factor = None  # (hessian id, U, dead): layers of one group share their input, so their factor
 
     def check(self, name, module):
@@ -153,7 +147,8 @@ class _SparseGPT:
             self._factor = None
             upper, dead = inverse_hessian_factor(stats, self.percdamp, name)
             self._factor = (stats, upper, dead)
-        return sparsegpt_prune(weight, self._factor[1], self._factor[2], pattern, sparsity, self.blocksize, old)
+        return sparsegpt_prune(weight, self._factor[1], self._factor[2], pattern, sparsity, self.blocksize, old,
+                               self.backend)
 
     def release(self):
         self._factor = None
@@ -167,16 +162,19 @@ def _check_args(blocksize, percdamp):
 
 
 def sparsegpt(model, calibration, sparsity=None, pattern="unstructured", blocksize=128, percdamp=0.01, layers=None,
-              skip=("lm_head", "*.lm_head"), blocks=None, atomic=True):
+              skip=("lm_head", "*.lm_head"), blocks=None, atomic=True, backend=None, owl=None):
     """Prunes ``model``'s linear layers in place with SparseGPT; returns ``{layer name: sparsity}``.
 
     Arguments as ``nnopt.prune.wanda``, plus blocksize (columns per lazy-update block, 128 as the paper) and
     percdamp (damping, a fraction of the Hessian's mean diagonal). The remaining weights are updated to
-    reconstruct each layer's outputs on the calibration inputs.
+    reconstruct each layer's outputs on the calibration inputs. backend: the column-block update's (None: auto).
+    owl: None or (M, lambda) for OWL's per-block sparsities (see ``nnopt.prune.oneshot``).
     """
     _check_args(blocksize, percdamp)
-    method = _SparseGPT(blocksize, float(percdamp))
+    backends.requested(backend)  # an unknown name fails here, before anything runs
+    method = _SparseGPT(blocksize, float(percdamp), backend)
     try:
-        return oneshot.run(model, calibration, method, sparsity, pattern, layers, skip, blocks, atomic, "sparsegpt")
+        return oneshot.run(model, calibration, method, sparsity, pattern, layers, skip, blocks, atomic, "sparsegpt",
+                           owl)
     finally:
         method.release()

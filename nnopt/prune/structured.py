@@ -31,7 +31,8 @@ def nm_structured(module, name, n=2, m=4, dim=None, importance_scores=None):
     """Keeps the ``n`` largest |w| of every ``m`` consecutive entries of ``module.<name>`` along ``dim``.
 
     ``dim`` defaults to the input dimension: the last one of a 1-D or 2-D (Linear) weight, 0 of a transformers
-    ``Conv1D`` weight (stored ``[in, out]``), 1 (input channels) of a convolution weight. Entries already pruned count as the smallest. ValueError when ``n`` is not in [0, m]
+    ``Conv1D`` weight (stored ``[in, out]``), 1 (input channels) of a convolution weight. Entries already pruned
+    count as the smallest. ValueError when ``n`` is not in [0, m]
     or the size along ``dim`` is not divisible by ``m``.
     """
     _check_int(m, "m", 1)
@@ -42,7 +43,10 @@ def nm_structured(module, name, n=2, m=4, dim=None, importance_scores=None):
     if t.dim() == 0:
         raise ValueError(f"N:M pruning needs a tensor with at least 1 dimension; {name} is a scalar")
     if dim is None:
-        dim = in_dim(module) if name == "weight" and is_conv1d(module) else t.dim() - 1 if t.dim() <= 2 else 1
+        if name == "weight" and is_conv1d(module):
+            dim = in_dim(module)
+        else:
+            dim = t.dim() - 1 if t.dim() <= 2 else 1
     check_dim(t, dim)
     if t.shape[dim] % m:
         raise ValueError(f"m={m} must divide the size {t.shape[dim]} of dimension {dim} of {name} "

@@ -7,7 +7,28 @@ remaining column at once), in float64, with H⁻¹ from ``torch.linalg.inv``. Sm
 
 import torch
 
-__all__ = ["wanda_mask", "sparsegpt"]
+__all__ = ["sparsegpt", "sparsegpt_block", "wanda_mask"]
+
+
+def sparsegpt_block(w, u, pruned, err, n, m):
+    """SparseGPT's column-block update in place (the ``torch`` backend of the oneshot family; see
+    csrc/cpu/oneshot.cpp for the semantics): w [rows, count] ends pruned, err gets the column errors, pruned the
+    final mask (N:M groups chosen at their first column when m > 0)."""
+    count = w.shape[1]
+    d = u.diagonal()
+    for i in range(count):
+        if m and i % m == 0:
+            tmp = w[:, i:i + m].square() / d[i:i + m].square().unsqueeze(0)
+            tmp.masked_fill_(pruned[:, i:i + m], -1.0)
+            idx = torch.sort(tmp, dim=1, stable=True).indices[:, :m - n]
+            pruned[:, i:i + m].scatter_(1, idx, True)
+        col = w[:, i]
+        q = col.masked_fill(pruned[:, i], 0.0)
+        e = (col - q) / u[i, i]
+        err[:, i] = e
+        if i + 1 < count:
+            w[:, i + 1:].addr_(e, u[i, i + 1:], alpha=-1.0)
+        w[:, i] = q
 
 
 def _parse(pattern):
@@ -31,8 +52,9 @@ def _bottom(values, count):
     return order[:count]
 
 
-def wanda_mask(weight, norms, pattern="unstructured", sparsity=None):
-    """Keep-mask ``[out, in]`` of score ``|W_ij| · norms_j`` (float32): per row, per N:M group, or per block."""
+def wanda_mask(weight, norms, pattern="unstructured", sparsity=None, comparison="output"):
+    """Keep-mask ``[out, in]`` of score ``|W_ij| · norms_j`` (float32): per row (or per layer), per N:M group, or
+    per block."""
     kind, arg = _parse(pattern)
     score = weight.abs().float() * norms.float().unsqueeze(0)
     rows, cols = score.shape
@@ -44,6 +66,11 @@ def wanda_mask(weight, norms, pattern="unstructured", sparsity=None):
         for t in _top(flat, len(flat) - int(len(flat) * sparsity)):
             r, c = divmod(t, cols // bk)
             keep[r * bn:(r + 1) * bn, c * bk:(c + 1) * bk] = True
+        return keep
+    if kind == "unstructured" and comparison == "layer":
+        flat = score.flatten().tolist()
+        for t in _top(flat, len(flat) - int(len(flat) * sparsity)):
+            keep[t // cols, t % cols] = True
         return keep
     for r in range(rows):
         row = score[r].tolist()

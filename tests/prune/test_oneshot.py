@@ -11,6 +11,7 @@ from nnopt.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 from nnopt.prune.wanda import wanda_mask
 from nnopt.reference import oneshot as ref
 from nnopt.testing import assert_close
+from tests.conftest import skip_unless_available
 
 PATTERNS = [("unstructured", 0.5), ("unstructured", 0.3), ("2:4", None), ("1:3", None), ((4, 6), 0.5)]
 
@@ -50,6 +51,17 @@ def test_wanda_mask_equals_reference(pattern, sparsity):
         assert (keep.sum(1) == 24 - int(24 * sparsity)).all()
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_wanda_layer_comparison_equals_reference(sparsity):
+    w, x = torch.randn(12, 24), correlated_inputs(50, 24)
+    norms = x.square().sum(0).sqrt()
+    keep = wanda_mask(w, norms, "unstructured", sparsity, comparison="layer")
+    assert torch.equal(keep, ref.wanda_mask(w, norms, "unstructured", sparsity, comparison="layer"))
+    assert int((~keep).sum()) == int(w.numel() * sparsity)
+    with pytest.raises(ValueError, match="comparison must be one of"):
+        wanda_mask(w, norms, "unstructured", sparsity, comparison="row")
+
+
 @pytest.mark.parametrize("pattern,sparsity", PATTERNS)
 def test_wanda_ties_keep_the_lower_index(pattern, sparsity):
     w = torch.randint(-2, 3, (12, 24)).float()  # many equal scores
@@ -60,20 +72,66 @@ def test_wanda_ties_keep_the_lower_index(pattern, sparsity):
 
 # ---- SparseGPT: the paper's algorithm, float64 ----------------------------------------------------------------
 
+BACKENDS = ["cpu", "torch"]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("pattern,sparsity", PATTERNS)
 @pytest.mark.parametrize("blocksize", [8, 128])
-def test_sparsegpt_equals_reference(pattern, sparsity, blocksize):
+def test_sparsegpt_equals_reference(pattern, sparsity, blocksize, backend):
+    skip_unless_available(backend, "cpu", "oneshot")
     w = torch.randn(12, 24, dtype=torch.float64)
     x = correlated_inputs(80, 24).double()
     x[:, 5] = 0  # a dead input
     h = x.T @ x
     upper, dead = inverse_hessian_factor(h.clone(), 0.01)
-    new, keep = sparsegpt_prune(w, upper, dead, pattern, sparsity, blocksize)
+    new, keep = sparsegpt_prune(w, upper, dead, pattern, sparsity, blocksize, backend=backend)
     want, want_keep = ref.sparsegpt(w, h, pattern, sparsity, blocksize, 0.01)
     assert torch.equal(keep, want_keep)
     torch.testing.assert_close(new, want, rtol=1e-6, atol=1e-6)
     assert (new[~keep] == 0).all()
     held_pattern(keep, pattern, sparsity)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("n,m", [(0, 0), (2, 4), (1, 3)])
+def test_sparsegpt_block_kernel_equals_torch(dtype, n, m):
+    """The C++ column-block update against the torch one (the `torch` backend), odd sizes, an earlier mask."""
+    skip_unless_available("cpu", "cpu", "oneshot")
+    from nnopt import backends
+
+    rows, count = 37, 24
+    w = torch.randn(rows, count, dtype=dtype)
+    a = torch.randn(count, count, dtype=torch.float64)
+    u = torch.linalg.cholesky(a @ a.T + count * torch.eye(count, dtype=torch.float64), upper=True)
+    u = u.to(dtype).contiguous()
+    pruned = torch.rand(rows, count) < (0.1 if m else 0.5)
+    outs = {}
+    for name in BACKENDS:
+        impl = backends.implementation("oneshot", name)
+        ww, pp, ee = w.clone(), pruned.clone(), torch.empty_like(w)
+        impl.sparsegpt_block(ww, u, pp, ee, n, m)
+        outs[name] = (ww, pp, ee)
+    assert torch.equal(outs["cpu"][1], outs["torch"][1])
+    assert (outs["cpu"][0][outs["cpu"][1]] == 0).all()
+    assert_close(outs["cpu"][0], outs["torch"][0], reduction_length=count)
+    assert_close(outs["cpu"][2], outs["torch"][2], reduction_length=count)
+
+
+def test_sparsegpt_block_opcheck_and_bad_input():
+    skip_unless_available("cpu", "cpu", "oneshot")
+    from nnopt import _ext
+
+    _ext.load()
+    op = torch.ops.nnopt.sparsegpt_block_
+    w, u = torch.randn(5, 8), torch.eye(8) + torch.triu(torch.rand(8, 8), 1)
+    torch.library.opcheck(op, (w, u, torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 2, 4))
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: u must be"):
+        op(w, u[:4, :4].contiguous(), torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 0, 0)
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: need 0 <= n <= m"):
+        op(w, u, torch.zeros(5, 8, dtype=torch.bool), torch.empty(5, 8), 5, 4)
+    with pytest.raises(RuntimeError, match="sparsegpt_block_: pruned must be"):
+        op(w, u, torch.zeros(5, 8), torch.empty(5, 8), 0, 0)
 
 
 def test_stats_match_direct_products():
@@ -270,3 +328,104 @@ def test_not_positive_definite_names_the_layer():
     h = -torch.eye(8)
     with pytest.raises(RuntimeError, match="layer 'blk.fc'.*percdamp"):
         inverse_hessian_factor(h, 0.01, "blk.fc")
+
+
+@pytest.mark.parametrize("kind,groups", [
+    ("gpt2", [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]]),
+    ("llama", [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+               ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]),
+])
+def test_layers_grouped_by_shared_input(kind, groups):
+    """Layers share statistics only when they read the same tensor (not merely a reused address)."""
+    pytest.importorskip("transformers")
+    from nnopt.prune import oneshot
+
+    model = _tiny(kind).eval()
+    blocks, by_block = oneshot.select(model)
+    name, block = blocks[0]
+    entries = oneshot._capture(model, block, _calibration(1), "cpu", name)
+    found, missing = oneshot._groups(block, by_block[name], entries[0])
+    assert [[n.split(".", 3)[-1] for n, _ in g] for g in found] == groups and not missing
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_cuda_matches_cpu(method):
+    """On a GPU: one-shot pruning of a Llama config on CUDA (SparseGPT through its `torch` backend there) gives the
+    CPU's masks (all but a few near-tied entries) and close weights."""
+    pytest.importorskip("transformers")
+    cpu, gpu = _tiny("llama"), _tiny("llama").cuda()
+    calib = _calibration()
+    getattr(prune, method)(cpu, calib, 0.5)
+    getattr(prune, method)(gpu, calib, 0.5)
+    for (name, a), (_, b) in zip(cpu.named_buffers(), gpu.named_buffers()):
+        if name.endswith("weight_mask"):
+            assert float((a == b.cpu()).float().mean()) > 0.99, name
+
+
+@pytest.mark.parametrize("pattern,sparsity", [("2:4", None), ((8, 8), 0.5)])
+def test_result_converts_to_masked_linear(pattern, sparsity):
+    """One-shot masks are the masks MaskedLinear takes over: same logits after conversion, generate still runs."""
+    pytest.importorskip("transformers")
+    import nnopt.nn
+
+    model = _tiny("llama").eval()
+    prune.sparsegpt(model, _calibration(), sparsity, pattern=pattern)
+    ids = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        nnopt.nn.convert(model, include=["model.layers.*"], block_size=(8, 8))
+        after = model(input_ids=ids).logits
+    assert isinstance(model.model.layers[0].mlp.down_proj, nnopt.nn.MaskedLinear)
+    assert_close(after, before, reduction_length=128)
+    model.generate(ids[:1, :4], max_new_tokens=3, do_sample=False)
+
+
+def test_owl_per_block_sparsity():
+    """OWL: blocks with more outlier Wanda scores (from a plain dense forward) are pruned less; the mean is S."""
+    pytest.importorskip("transformers")
+    from nnopt.demo import lm
+    from nnopt.layers import linear_modules, weight_as_linear
+
+    model = lm.build("llama", d_model=32, n_layers=4, n_heads=4, seq_len=16)
+    calib = _calibration()
+    inputs = {}
+    hooks = [m.register_forward_pre_hook(lambda m, a, n=n: inputs.setdefault(n, []).append(a[0].flatten(0, -2)))
+             for n, m in linear_modules(model) if "layers" in n]
+    with torch.no_grad():
+        for ids in calib:
+            model(ids)
+    for h in hooks:
+        h.remove()
+    ratio = []
+    for b in range(4):
+        above = total = 0
+        for n, m in linear_modules(model):
+            if n.startswith(f"model.layers.{b}."):
+                x = torch.cat(inputs[n])
+                score = weight_as_linear(m).detach().abs() * x.square().sum(0).sqrt()
+                above += int((score > 5 * score.mean()).sum())
+                total += score.numel()
+        ratio.append(above / total)
+    result = prune.wanda(model, calib, 0.5, owl=(5, 0.1))
+    per_block = [result[f"model.layers.{b}.mlp.down_proj"] for b in range(4)]
+    assert abs(sum(per_block) / 4 - 0.5) < 0.02 and max(per_block) - min(per_block) > 0.1
+    order = sorted(range(4), key=lambda b: ratio[b])
+    assert [per_block[b] for b in order] == sorted(per_block, reverse=True)  # more outliers, less pruned
+    with pytest.raises(ValueError, match="owl: layer-wise ratios need"):
+        prune.wanda(_tiny("llama"), calib, None, pattern="2:4", owl=(5, 0.08))
+    with pytest.raises(ValueError, match=r"owl: sparsity 0.95 ± lambda"):
+        prune.sparsegpt(_tiny("llama"), calib, 0.95, owl=(5, 0.08))
+
+
+@pytest.mark.parametrize("method", ["wanda", "sparsegpt"])
+def test_bfloat16_model(method):
+    """A bf16 model: statistics and updates in float32, weights written back in bf16, the pattern exact."""
+    pytest.importorskip("transformers")
+    model = _tiny("llama").to(torch.bfloat16)
+    getattr(prune, method)(model, _calibration(), None, pattern="2:4")
+    m = model.model.layers[1].mlp.down_proj
+    assert m.weight.dtype == torch.bfloat16
+    held_pattern(m.weight_mask, "2:4", None)
+    assert (m.weight[~m.weight_mask] == 0).all()
+    model.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=2, do_sample=False)

@@ -9,7 +9,7 @@ import nnopt.prune as prune
 from nnopt.prune.pruner import prunable
 
 transformers = pytest.importorskip("transformers")
-from transformers.pytorch_utils import Conv1D  # noqa: E402
+from transformers.pytorch_utils import Conv1D
 
 
 def conv1d_and_linear(nx=16, nf=12, seed=0):
