@@ -31,6 +31,7 @@ EFFICIENCY = {
 }
 # Fixed cost of a sparse call in dense-GEMM flop equivalents (launches, layout reads, allocation).
 OVERHEAD = {"cuda": 5e7}
+DECODE_ROWS = 16  # GPU: rows up to which the Triton forward runs split-K (nnopt.kernels.masked_linear)
 # The sparse kernels must be predicted this much faster before auto takes them.
 MARGIN = 1.1
 
@@ -111,6 +112,10 @@ def predicted_speedup(layout, m, device_type, dtype=torch.float32):
     (nnopt.nn.calibrate), the constants above for GPUs."""
     if device_type == "cpu":
         return calibrate.predicted_speedup("batch", device_type, dtype, layout, m)
+    if m <= DECODE_ROWS:
+        # GPU decode shapes (the Triton split-K forward): bound by the bytes of W read, so the kept tiles' share
+        # plus two launches' worth. Not yet measured on a card: bench/gpu_check.sh times it against cuBLAS.
+        return 1.0 / (1.25 * layout.block_density + 0.05)
     table = EFFICIENCY.get(device_type, EFFICIENCY["cuda"])
     block = min(layout.block_n, layout.block_k)
     eff = table[min(table, key=lambda b: abs(b - block))]
