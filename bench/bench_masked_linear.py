@@ -233,7 +233,8 @@ def decode(device, quick, repeats, inner):
                 times = harness.time_providers(provs, device, repeats=repeats, inner=inner)
             for name, t in times.items():
                 speedup = times["torch dense"] / t
-                rows.append({"dtype": dt, "B": b, "provider": name, "ms": 1e3 * t, "speedup vs dense": f"{speedup:.2f}x"})
+                rows.append({"dtype": dt, "B": b, "provider": name, "ms": 1e3 * t,
+                             "speedup vs dense": f"{speedup:.2f}x"})
             auto = times["torch dense"] / times["nnopt MaskedLinear (auto)"]
             bar = DECODE_BARS.get((dt, b))
             if bar is not None:

@@ -78,9 +78,16 @@ def _key(kind, device_type, dtype, layout, m):
     return f"{kind}|{device_type}|{dt}|{layout.block_n}x{layout.block_k}|2^{size}|m{mc}"
 
 
+# The kernels at full density do the work dense does (same bytes, same flops): a probe saying they are much faster
+# measured a dense call slowed by something else (a busy machine); never trust more than this.
+MIN_FULL = 0.9
+
+
 def predicted_speedup(kind, device_type, dtype, layout, m=1):
     """Predicted dense time ÷ kernel time for this layer (its block density) and call (m rows of x)."""
     empty, full = coefficients(kind, device_type, dtype, layout, m)
+    full = max(full, MIN_FULL)
+    empty = min(max(empty, 0.0), full)
     ratio = empty + layout.block_density * (full - empty)
     return 1.0 / max(ratio, 1e-9)
 

@@ -8,7 +8,8 @@ only where they are predicted to win by a margin (so the layer is never measurab
 
 with ``full`` and ``empty`` the kernels' time relative to dense F.linear with every tile kept and with none,
 measured on this machine per dtype, tile and shape class by a short probe on first use (nnopt.nn.calibrate,
-cached on disk). On GPUs the constants EFFICIENCY and OVERHEAD below stand in for the probe. On GPUs with 2:4 sparse tensor cores, a 2:4 mask at inference
+cached on disk). On GPUs the constants EFFICIENCY and OVERHEAD below stand in for the probe.
+On GPUs with 2:4 sparse tensor cores, a 2:4 mask at inference
 (no gradient needed) in fp16/bf16 runs on torch's semi-structured sparse tensors.
 """
 
@@ -54,6 +55,9 @@ def cached_layout(mask, block_n=32, block_k=32):
     if len(_LAYOUTS) > _LAYOUT_CACHE_SIZE:
         _LAYOUTS.popitem(last=False)
     return layout
+
+
+PACKED_ROWS = 64  # CPU inference up to this many rows streams packed panels; beyond, the panel kernels pay as well
 
 
 def packed_runner(weight, mask, bias, layout, dtype):
@@ -186,7 +190,7 @@ def choose(layout, m, weight, backend, weight_is_masked=False, grad_needed=True)
     ``grad_needed``: whether the call builds an autograd node (the 2:4 path is inference only)."""
     name = backends.requested(backend)
     device = weight.device
-    inference = not grad_needed and device.type == "cpu" and m > 0
+    inference = not grad_needed and device.type == "cpu" and 0 < m <= PACKED_ROWS
     if name != "auto":
         name = backends.resolve(FAMILY, name, device)  # raises, saying what is missing, when it cannot run
         if name == "cpu" and inference:

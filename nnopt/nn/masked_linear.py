@@ -1,13 +1,16 @@
-"""MaskedLinear (and MaskedConv1D, nnopt/nn/masked_conv1d.py): an nn.Linear whose weight carries a mask, computed on block-sparse kernels where that pays.
+"""MaskedLinear (and MaskedConv1D, nnopt/nn/masked_conv1d.py): an nn.Linear whose weight carries a mask, computed
+on block-sparse kernels where that pays.
 
 The weight follows nnopt.prune's mask contract: it holds exact zeros at masked entries, the bool buffer
 ``weight_mask`` (True = kept) sits beside it and is the weight's mask in nnopt.sparsity, so nnopt optimizers keep
 the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
 state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
 
-Inference on CPU (no gradient needed: decode and prefill) takes a short path: the layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed) and
-repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call is
-then one op call. auto takes it per M class where the calibrated cost model predicts it beats dense F.linear. The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
+Inference on CPU (no gradient needed) of at most dispatch.PACKED_ROWS rows (decode, short prefill) takes a short
+path: the layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed)
+and repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call
+is then one op call. auto takes it per M class where the calibrated cost model predicts it beats dense F.linear.
+The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
 """
 
 import torch
@@ -93,7 +96,7 @@ class MaskedLayerMixin:
         for this many rows (or a forced non-CPU backend, a dtype mismatch: the checked path handles those)."""
         k = x.shape[-1]
         m = x.numel() // k if k else 0
-        if m == 0 or self.backend not in ("auto", "cpu") or not x.is_floating_point():
+        if not 0 < m <= dispatch.PACKED_ROWS or self.backend not in ("auto", "cpu") or not x.is_floating_point():
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         w, b = self.weight, self.bias

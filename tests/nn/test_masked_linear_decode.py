@@ -86,9 +86,11 @@ def test_grad_path_is_unchanged_and_takes_the_batch_kernels():
     assert (lay.weight.grad[~lay.weight_mask] == 0).all()
     assert lay._plan[1] is dispatch.backends.implementation("masked_linear", "cpu")
     with torch.no_grad():
-        x = torch.randn(70, 90)
+        x = torch.randn(64, 90)
         y = lay(x)  # prefill-sized inference: packed too
-    assert lay._decode_plan[1] == {256: True} and y.grad_fn is None
+        assert lay._decode_plan[1] == {64: True} and y.grad_fn is None
+        lay(torch.randn(dispatch.PACKED_ROWS + 1, 90))  # more rows: the panel kernels
+    assert lay._decode_plan[1] == {64: True}
     assert_close(y, expected(lay, x).float(), reduction_length=90)
 
 
