@@ -78,9 +78,10 @@ def _key(kind, device_type, dtype, layout, m):
     return f"{kind}|{device_type}|{dt}|{layout.block_n}x{layout.block_k}|2^{size}|m{mc}"
 
 
-# The kernels at full density do the work dense does (same bytes, same flops): a probe saying they are much faster
-# measured a dense call slowed by something else (a busy machine); never trust more than this.
-MIN_FULL = 0.9
+# The kernels at full density do the work dense does (same bytes, same flops): a probe saying they are faster
+# measured a dense call slowed by something else (a busy machine). Never trusted: a layer with every tile kept
+# (a 2:4 or unstructured mask) then always runs dense.
+MIN_FULL = 1.0
 
 
 def predicted_speedup(kind, device_type, dtype, layout, m=1):
