@@ -9,12 +9,16 @@ Tables:
               as a BSR tensor of 32×32 blocks: bsr @ xᵀ; dx with a BSR of (W ⊙ mask)ᵀ; dW by CSR sampled_addmm on
               the mask, torch having no BSR sampled product on CPU), and ``nnopt <backend>`` (cpu: the C++ kernels,
               csrc/cpu/masked_linear.cpp; triton on CUDA). Speedup = torch dense time ÷ provider time, same run.
+  decode      inference at decode shapes: x [B, 4096] for B = 1 and 8, W [4096, 4096] at 90% block sparsity (32×32
+              tiles), fp32 and bf16 (bf16 against torch's bf16 F.linear). Providers: ``torch dense`` (nn.Linear under
+              no_grad), ``nnopt packed`` (nnopt::masked_linear_packed on panels packed once) and ``nnopt
+              MaskedLinear (auto)`` (the layer's call: auto, packed panels cached on the module).
   break-even  forward speedup over dense F.linear against sparsity (0-99%) for 16-, 32- and 64-sided tiles and for
               unstructured (elementwise random) masks, whose tiles are almost all non-empty: the worst case.
 The block layout and the BSR conversions are built once per mask, outside the timings (MaskedLinear caches its
 layout until the mask changes). Every provider's outputs are checked against float64 before it is timed.
 
-    python bench/bench_masked_linear.py [--device cpu|cuda] [--quick] [--repeats N] [--tables bars,break-even]
+    python bench/bench_masked_linear.py [--device cpu|cuda] [--quick] [--repeats N] [--tables bars,decode,break-even]
                                         [--threads N] [--no-append]
 """
 
@@ -41,6 +45,7 @@ BREAK_EVEN_SPARSITIES = (0.0, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 BREAK_EVEN_MASKS = ("16×16", "32×32", "64×64", "unstructured")
 # The bars this family promises on CPU: (table, sparsity) -> minimum speedup over torch dense.
 BARS = {("forward", 0.9): 5.0, ("forward", 0.95): 10.0, ("fwd+bwd", 0.9): 3.0}
+DECODE_BARS = {("fp32", 1): 6.0, ("fp32", 8): 6.0, ("bf16", 1): 5.0}
 
 
 def shape(quick):
@@ -202,6 +207,46 @@ def bars(device, quick, repeats, inner):
     return text, summary
 
 
+def decode(device, quick, repeats, inner):
+    """The decode table (CPU): rows (dtype, B, provider) with ms and speedup over torch dense; and the bar lines."""
+    from nnopt.nn import MaskedLinear
+
+    n = k = 512 if quick else 4096
+    mask = block_mask(n, k, 32, 0.9, device)
+    rows, lines = [], []
+    for dt, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        dense = torch.nn.Linear(k, n).to(dtype)
+        layer = MaskedLinear.from_linear(torch.nn.Linear(k, n), mask).to(dtype)  # its own (pruned) weight
+        ops = torch.ops.nnopt
+        lay = BlockLayout(mask, 32, 32)
+        packed = ops.masked_linear_pack(layer.weight, mask, lay.row_ptr, lay.col_idx, lay.full, 32, 32)
+        for b in (1, 8):
+            x = torch.randn(b, k).to(dtype)
+            with torch.no_grad():
+                want = ref.masked_linear(x.double(), layer.weight.double(), mask, layer.bias.double())
+                provs = {"torch dense": lambda: dense(x),
+                         "nnopt packed": lambda: ops.masked_linear_packed(x, packed, layer.bias, lay.row_ptr,
+                                                                          lay.col_idx, n, 32, 32),
+                         "nnopt MaskedLinear (auto)": lambda: layer(x)}
+                for name in ("nnopt packed", "nnopt MaskedLinear (auto)"):
+                    assert_close(provs[name](), want.to(dtype), reduction_length=k, msg=f"{name} decode {dt} B={b}")
+                times = harness.time_providers(provs, device, repeats=repeats, inner=inner)
+            for name, t in times.items():
+                speedup = times["torch dense"] / t
+                rows.append({"dtype": dt, "B": b, "provider": name, "ms": 1e3 * t,
+                             "speedup vs dense": f"{speedup:.2f}x"})
+            auto = times["torch dense"] / times["nnopt MaskedLinear (auto)"]
+            bar = DECODE_BARS.get((dt, b))
+            if bar is not None:
+                lines.append(f"- decode {dt} B={b}, MaskedLinear (auto): {auto:.2f}x (bar {bar:g}x: "
+                             f"{'met' if auto >= bar else 'missed'})")
+            print(f"  decode {dt} B={b}  " + "  ".join(f"{p}={1e3 * t:.3f}ms" for p, t in times.items()), flush=True)
+    text = (f"Inference (no_grad), x [B, {k}], W [{n}, {k}] at 90% block sparsity (32×32 tiles), {device}. "
+            "Speedup = torch dense (nn.Linear, same dtype) time ÷ provider time, medians of interleaved repeats.\n\n"
+            + harness.table(rows, ["dtype", "B", "provider", "ms", "speedup vs dense"]))
+    return text, lines
+
+
 def break_even(device, quick, repeats, inner):
     """Forward speedup over dense F.linear against sparsity, per mask structure: the matrix as Markdown."""
     m, n, k = shape(quick)
@@ -239,7 +284,7 @@ def break_even(device, quick, repeats, inner):
     return text, curve
 
 
-def run(device="cpu", quick=False, repeats=None, tables=("bars", "break-even"), append=True, threads=None):
+def run(device="cpu", quick=False, repeats=None, tables=("bars", "decode", "break-even"), append=True, threads=None):
     if threads:
         torch.set_num_threads(threads)
     repeats = repeats or (5 if quick else 11)
@@ -250,11 +295,15 @@ def run(device="cpu", quick=False, repeats=None, tables=("bars", "break-even"), 
     if "bars" in tables:
         text, summary = bars(device, quick, repeats, inner)
         sections.append("### Forward and forward+backward against the dense layer\n\n" + text)
+    decode_lines = []
+    if "decode" in tables and torch.device(device).type == "cpu":
+        text, decode_lines = decode(device, quick, max(repeats, 15), 5 if quick else 3)
+        sections.append("### Decode shapes (inference, B = 1 and 8)\n\n" + text)
     curve = []
     if "break-even" in tables:
         text, curve = break_even(device, quick, repeats, inner)
         sections.append("### Break-even: forward speedup against sparsity\n\n" + text)
-    lines = []
+    lines = list(decode_lines) if not quick else []
     for (table, sparsity), bar in BARS.items():
         for (t, s, name), speedup in summary.items():
             if (t, s) == (table, sparsity):
@@ -280,7 +329,7 @@ def main(argv=None):
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="x [64, 512], W [512, 512], 3 repeats: seconds")
     ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--tables", default="bars,break-even")
+    ap.add_argument("--tables", default="bars,decode,break-even")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     ap.add_argument("--no-append", "--no-record", dest="no_append", action="store_true",
                     help="do not append the tables to bench/RESULTS.md")

@@ -29,6 +29,12 @@ Inside a tile that is not full the mask tile is loaded and masked weights are re
 or inf there is ignored, as in the reference); for a full tile the mask load is predicated off (no memory traffic).
 The dW tile is masked the same way before its store, so dW is exactly 0 wherever the mask is false.
 
+Decode shapes (M <= DECODE_ROWS): one program per block row leaves most of the GPU idle and each program walks a
+long row of tiles alone, so the forward splits each block row's tiles over SPLIT programs (split-K): program
+(j, s) takes tiles s, s + SPLIT, ... of row j, with x padded to a 16-row dot, and stores its partial sum [M, block_n]
+in float32 to a workspace [SPLIT, M, N]; a second kernel adds the SPLIT partials in a fixed order (deterministic,
+no atomics), adds the bias and rounds once. Each kept tile of W is read once.
+
 Numerics: float32 operands use input_precision="ieee" (exact fp32 products, no TF32). bfloat16/float16 operands
 go to the tensor cores with exact products and float32 accumulation (input_precision only governs fp32 operands).
 Triton's interpreter multiplies bfloat16 tiles as their raw bits, so under it bf16 tiles are widened to float32
@@ -68,6 +74,7 @@ _DEFAULT = {
 }
 # The interpreter runs each program in Python: the smallest tile keeps the test shapes fast.
 _INTERPRETER = (16, 4, 1)
+DECODE_ROWS = 16  # the forward takes the split-K kernels up to this many rows of x (one 16-row dot)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -160,6 +167,39 @@ def _dw_kernel(dy_ptr, x_ptr, m_ptr, dw_ptr, col_idx, row_idx, t_perm, full, M, 
     keep = tl.load(m_ptr + offs, mask=_read_mask(inb, tl.load(full + p)), other=1)
     acc = tl.where(keep != 0, acc, 0.0)
     tl.store(dw_ptr + offs, cast(acc, dw_ptr.dtype.element_ty), mask=inb)
+
+
+@triton.jit
+def _decode_partial_kernel(x_ptr, w_ptr, m_ptr, part_ptr, row_ptr, col_idx, full, M, N, K, SPLIT,
+                           DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    j = tl.program_id(0).to(tl.int64)
+    s = tl.program_id(1)
+    rm = tl.arange(0, BLOCK_M).to(tl.int64)
+    rn = j * BLOCK_N + tl.arange(0, BLOCK_N)
+    m_in = rm < M
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    start = tl.load(row_ptr + j)
+    end = tl.load(row_ptr + j + 1)
+    for p in range(start + s, end, SPLIT):
+        rk = tl.load(col_idx + p).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + rm[:, None] * K + rk[None, :], mask=m_in[:, None] & (rk[None, :] < K), other=0.0)
+        w = _masked_tile(w_ptr, m_ptr, rn, rk, N, K, tl.load(full + p))
+        acc = tl.dot(x.to(DOT_DTYPE), tl.trans(w.to(DOT_DTYPE)), acc, input_precision=PRECISION)
+    tl.store(part_ptr + s.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :], acc,
+             mask=m_in[:, None] & (rn[None, :] < N))
+
+
+@triton.jit
+def _decode_reduce_kernel(part_ptr, b_ptr, y_ptr, M, N, SPLIT, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    inb = offs < M * N
+    acc = tl.zeros((BLOCK,), tl.float32)
+    for s in range(0, SPLIT):  # a fixed order: the same sum on every run
+        acc += tl.load(part_ptr + s * M * N + offs, mask=inb, other=0.0)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs % N, mask=inb, other=0.0).to(tl.float32)
+    tl.store(y_ptr + offs, cast(acc, y_ptr.dtype.element_ty), mask=inb)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -261,6 +301,8 @@ def masked_linear(x, weight, mask, bias, layout):
     if bias is not None:
         _check_tensor(op, "bias", bias, dtype, (n,), device)
     m = x.shape[0]
+    if 0 < m <= DECODE_ROWS and layout.col_idx.numel() > 0:
+        return _decode(x, weight, mask, bias, layout, n, k, warps, stages, dot_dtype, precision)
     y = torch.empty((m, n), dtype=dtype, device=device)
     num_m_tiles = triton.cdiv(m, block_m)
     grid = (num_m_tiles * (layout.row_ptr.numel() - 1),)
@@ -270,6 +312,35 @@ def masked_linear(x, weight, mask, bias, layout):
                           layout.col_idx, layout.full.view(torch.int8), m, n, k, num_m_tiles,
                           HAS_BIAS=bias is not None, DOT_DTYPE=dot_dtype, PRECISION=precision, BLOCK_M=block_m,
                           BLOCK_N=layout.block_n, BLOCK_K=layout.block_k, num_warps=warps, num_stages=stages)
+    return y
+
+
+def _split(layout, device):
+    """Programs per block row: enough programs to fill the GPU (4 per SM), at most one per tile of the longest
+    row; 2 under the interpreter (the reduction is exercised, the programs stay few)."""
+    nb = layout.row_ptr.numel() - 1
+    longest = int((layout.row_ptr[1:] - layout.row_ptr[:-1]).max()) if nb else 1
+    if device.type != "cuda":
+        return max(1, min(2, longest))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(longest, triton.cdiv(4 * sms, max(nb, 1))))
+
+
+def _decode(x, weight, mask, bias, layout, n, k, warps, stages, dot_dtype, precision):
+    """The split-K forward for M <= DECODE_ROWS rows (see the module docstring)."""
+    m = x.shape[0]
+    split = _split(layout, x.device)
+    part = torch.empty((split, m, n), dtype=torch.float32, device=x.device)
+    nb = layout.row_ptr.numel() - 1
+    _decode_partial_kernel[(nb, split)](x, weight, mask.view(torch.int8), part, layout.row_ptr, layout.col_idx,
+                                        layout.full.view(torch.int8), m, n, k, split, DOT_DTYPE=dot_dtype,
+                                        PRECISION=precision, BLOCK_M=16, BLOCK_N=layout.block_n,
+                                        BLOCK_K=layout.block_k, num_warps=min(warps, 4), num_stages=stages)
+    # rows of a block row with no tile (and programs past a short row's tiles) stored zeros: part is complete
+    y = torch.empty((m, n), dtype=x.dtype, device=x.device)
+    block = 1024
+    _decode_reduce_kernel[(triton.cdiv(m * n, block),)](part, bias if bias is not None else y, y, m, n, split,
+                                                        HAS_BIAS=bias is not None, BLOCK=block)
     return y
 
 

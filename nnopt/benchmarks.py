@@ -20,7 +20,10 @@ BENCHES = {
     "prune": ("bench_prune.py", lambda m, device, quick: m.run(quick=quick, runs=1 if quick else 3, record=False)),
     "compact": ("bench_compact.py", lambda m, device, quick: m.run(device, quick=quick, record=False)),
     "distill": ("bench_distill.py", lambda m, device, quick: m.run(device, quick=quick, append=False)),
+    "model": ("bench_model.py", lambda m, device, quick: m.run("cpu", quick=quick, append=False)),
 }
+# Run only when named: whole transformers models (the optional dependency), minutes even with --quick.
+NOT_IN_ALL = {"model"}
 
 
 def bench_dir():
@@ -95,7 +98,7 @@ def run(which="all", device=None, quick=False, json_path=None, plot_path=None):
         raise ValueError(f"--device must be cpu or cuda, got {device!r}")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: torch sees no CUDA device")
-    names = list(BENCHES) if which == "all" else [which]
+    names = [n for n in BENCHES if n not in NOT_IN_ALL] if which == "all" else [which]
     for path in (json_path, plot_path):
         if path is not None:
             folder = os.path.dirname(os.path.abspath(path))

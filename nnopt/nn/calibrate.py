@@ -9,10 +9,10 @@ where ``full`` and ``empty`` are the kernels' time with every tile kept and with
 on the same input. They depend on the CPU (its dense BLAS, its memory), the dtype, the tile and the shape, so they
 are measured here rather than carried over from another machine: per (kind, device, dtype, tile, shape class) a
 probe times dense, full and empty interleaved on a representative shape (a few tens of milliseconds; well under a
-second), once. Kinds: ``packed`` (inference at decode shapes, M <= 16 rows: nnopt::masked_linear_packed) and
-``batch`` (the panel kernels of nnopt::masked_linear at larger M). Shape classes: log2(N·K) rounded to an even
-number (probed as a square matrix of that many entries, at most 4096², 2048² for ``batch``) and, for ``batch``,
-M rounded to a power of two (probed at most at 128 rows).
+second), once. Kinds: ``packed`` (inference, no gradient: nnopt::masked_linear_packed on panels packed once) and
+``batch`` (calls that build an autograd node: the panel kernels of nnopt::masked_linear). Shape classes: log2(N·K)
+rounded to an even number (probed as a square matrix of that many entries, at most 2048², 1024² for M > 16) and
+M in four classes, probed at 1, 16, 64 and 256 rows (M = 1, 2..16, 17..64, more).
 
 The results are kept in a JSON file, one section per machine (CPU model, core count, torch version, threads):
 ``$NNOPT_CACHE_DIR/auto.json``, default ``~/.cache/nnopt/auto.json``. ``NNOPT_AUTO_PROBE=0`` turns probing off
@@ -59,11 +59,16 @@ def machine_key(device_type="cpu"):
     return f"{device_type}|{name}|torch {torch.__version__}"
 
 
+def m_class(m):
+    """The rows a call's M is probed at: 1, 16, 64 or 256."""
+    return 1 if m <= 1 else 16 if m <= 16 else 64 if m <= 64 else 256
+
+
 def shape_class(kind, layout, m=1):
-    """(N·K class, M class) of a call: log2(N·K) rounded to even, clipped to the probed range; M as a power of 2."""
+    """(N·K class, M class) of a call: log2(N·K) rounded to even, clipped to the probed range, and m_class(m)."""
     n, k = layout.shape
-    size = min(max(2 * round(math.log2(max(n * k, 1)) / 2), 16), 24 if kind == "packed" else 22)
-    mc = 1 if kind == "packed" else min(max(1 << max(0, math.ceil(math.log2(max(m, 1)))), 32), 128)
+    mc = m_class(m)
+    size = min(max(2 * round(math.log2(max(n * k, 1)) / 2), 16), 22 if mc <= 16 else 20)
     return size, mc
 
 
@@ -73,9 +78,17 @@ def _key(kind, device_type, dtype, layout, m):
     return f"{kind}|{device_type}|{dt}|{layout.block_n}x{layout.block_k}|2^{size}|m{mc}"
 
 
+# The kernels at full density do the work dense does (same bytes, same flops): a probe saying they are faster
+# measured a dense call slowed by something else (a busy machine). Never trusted: a layer with every tile kept
+# (a 2:4 or unstructured mask) then always runs dense.
+MIN_FULL = 1.0
+
+
 def predicted_speedup(kind, device_type, dtype, layout, m=1):
     """Predicted dense time ÷ kernel time for this layer (its block density) and call (m rows of x)."""
     empty, full = coefficients(kind, device_type, dtype, layout, m)
+    full = max(full, MIN_FULL)
+    empty = min(max(empty, 0.0), full)
     ratio = empty + layout.block_density * (full - empty)
     return 1.0 / max(ratio, 1e-9)
 
@@ -162,7 +175,7 @@ def probe(kind, dtype, layout, m=1):
     side = 1 << (size // 2)
     bn, bk = layout.block_n, layout.block_k
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(mc if kind == "batch" else 1, side, generator=gen).to(dtype)
+    x = torch.randn(mc, side, generator=gen).to(dtype)
     w = torch.randn(side, side, generator=gen).to(dtype)
     ops = torch.ops.nnopt
     fns = [lambda: torch.nn.functional.linear(x, w)]
@@ -178,10 +191,6 @@ def probe(kind, dtype, layout, m=1):
                                                                     lay.full, bn, bk))
     with torch.no_grad():
         t_dense, t_empty, t_full = _timeit(fns, repeats=7, budget_s=0.15)
-        if kind == "packed":  # decode calls also see M up to 16 rows: keep the worse of the two
-            x = torch.randn(16, side, generator=gen).to(dtype)
-            d16, e16, f16 = _timeit(fns, repeats=5, budget_s=0.1)
-            return (max(t_empty / t_dense, e16 / d16), max(t_full / t_dense, f16 / d16))
     return (t_empty / t_dense, t_full / t_dense)
 
 

@@ -4,10 +4,12 @@ implementations (namespaces with masked_linear / masked_linear_dx / masked_linea
 ``auto`` compares the block-sparse kernels' predicted time with dense F.linear's and takes the sparse kernels
 only where they are predicted to win by a margin (so the layer is never measurably slower than dense):
 
-    t_sparse / t_dense ≈ block_density / efficiency[device][block] + overhead[device] / (M·N·K)
+    t_sparse / t_dense ≈ empty + block_density · (full − empty)
 
-``efficiency`` is the sparse kernels' throughput on a non-empty tile relative to the dense GEMM's, measured by
-bench/bench_masked_linear.py (bench/RESULTS.md). On GPUs with 2:4 sparse tensor cores, a 2:4 mask at inference
+with ``full`` and ``empty`` the kernels' time relative to dense F.linear with every tile kept and with none,
+measured on this machine per dtype, tile and shape class by a short probe on first use (nnopt.nn.calibrate,
+cached on disk). On GPUs the constants EFFICIENCY and OVERHEAD below stand in for the probe.
+On GPUs with 2:4 sparse tensor cores, a 2:4 mask at inference
 (no gradient needed) in fp16/bf16 runs on torch's semi-structured sparse tensors.
 """
 
@@ -23,15 +25,14 @@ from nnopt.nn.layout import BlockLayout
 
 FAMILY = "masked_linear"
 
-# Sparse-tile throughput relative to dense GEMM, per device type and tile (block_n, block_k); missing sizes
-# use the nearest listed. Calibrated from bench/bench_masked_linear.py (see bench/RESULTS.md).
+# GPUs (CPUs measure theirs: nnopt.nn.calibrate): sparse-tile throughput relative to dense GEMM per tile side
+# (the nearest listed for other sizes), from bench/bench_masked_linear.py (see bench/RESULTS.md).
 EFFICIENCY = {
-    "cpu": {16: 1.0, 32: 1.0, 64: 1.0},  # at 256×4096×4096 the kernels match MKL per tile (1.01–1.13x at 0%)
     "cuda": {16: 0.3, 32: 0.55, 64: 0.7, 128: 0.75},
 }
 # Fixed cost of a sparse call in dense-GEMM flop equivalents (launches, layout reads, allocation).
-# CPU: at x[64, 512] · W[512, 512]ᵀ (17M flops) the kernels reach 0.9x dense at 25% block sparsity, 1.3x at 75%.
-OVERHEAD = {"cpu": 8e6, "cuda": 5e7}
+OVERHEAD = {"cuda": 5e7}
+DECODE_ROWS = 16  # GPU: rows up to which the Triton forward runs split-K (nnopt.kernels.masked_linear)
 # The sparse kernels must be predicted this much faster before auto takes them.
 MARGIN = 1.1
 
@@ -56,7 +57,7 @@ def cached_layout(mask, block_n=32, block_k=32):
     return layout
 
 
-DECODE_ROWS = 16  # rows of x up to which inference runs on the packed (weight-streaming) kernels
+PACKED_ROWS = 64  # CPU inference up to this many rows streams packed panels; beyond, the panel kernels pay as well
 
 
 def packed_runner(weight, mask, bias, layout, dtype):
@@ -78,18 +79,18 @@ def packed_runner(weight, mask, bias, layout, dtype):
     return lambda x2: op(x2, packed, b, row_ptr, col_idx, n, bn, bk)
 
 
-def decode_pays(layout, dtype, device_type="cpu"):
-    """Whether auto takes the packed kernels for this layer at decode shapes (the calibrated cost model)."""
+def packed_pays(layout, dtype, m, device_type="cpu"):
+    """Whether auto takes the packed kernels for an inference call of m rows (the calibrated cost model)."""
     if device_type != "cpu" or layout.density == 1.0:
         return False
     if layout.nnzb == 0:
         return True
-    return calibrate.predicted_speedup("packed", device_type, dtype, layout) >= MARGIN
+    return calibrate.predicted_speedup("packed", device_type, dtype, layout, m) >= MARGIN
 
 
-class _Decode:
-    """Inference at decode shapes on CPU through packed_runner, the panels cached per weight, mask, bias and dtype
-    (and their versions): the functional form's path (MaskedLinear keeps its own cache on the module)."""
+class _Packed:
+    """Inference on CPU through packed_runner, the panels cached per weight, mask, bias and dtype (and their
+    versions): the functional form's path (MaskedLinear keeps its own cache on the module)."""
 
     def __init__(self):
         self._cache = collections.OrderedDict()  # id(weight) -> (weakref to weight, key, runner)
@@ -107,11 +108,18 @@ class _Decode:
         return hit[2](x.contiguous())
 
 
-DECODE = _Decode()
+PACKED = _Packed()
 
 
-def predicted_speedup(layout, m, device_type):
-    """Predicted dense time / block-sparse time for an input of m rows (the cost model above)."""
+def predicted_speedup(layout, m, device_type, dtype=torch.float32):
+    """Predicted dense time / block-sparse time for an autograd call of m rows: measured on this machine for CPU
+    (nnopt.nn.calibrate), the constants above for GPUs."""
+    if device_type == "cpu":
+        return calibrate.predicted_speedup("batch", device_type, dtype, layout, m)
+    if m <= DECODE_ROWS:
+        # GPU decode shapes (the Triton split-K forward): bound by the bytes of W read, so the kept tiles' share
+        # plus two launches' worth. Not yet measured on a card: bench/gpu_check.sh times it against cuBLAS.
+        return 1.0 / (1.25 * layout.block_density + 0.05)
     table = EFFICIENCY.get(device_type, EFFICIENCY["cuda"])
     block = min(layout.block_n, layout.block_k)
     eff = table[min(table, key=lambda b: abs(b - block))]
@@ -182,19 +190,19 @@ def choose(layout, m, weight, backend, weight_is_masked=False, grad_needed=True)
     ``grad_needed``: whether the call builds an autograd node (the 2:4 path is inference only)."""
     name = backends.requested(backend)
     device = weight.device
-    decode = not grad_needed and device.type == "cpu" and 0 < m <= DECODE_ROWS
+    inference = not grad_needed and device.type == "cpu" and 0 < m <= PACKED_ROWS
     if name != "auto":
         name = backends.resolve(FAMILY, name, device)  # raises, saying what is missing, when it cannot run
-        if name == "cpu" and decode:
-            return DECODE
+        if name == "cpu" and inference:
+            return PACKED
         return _dense(weight_is_masked) if name == "torch" else backends.implementation(FAMILY, name)
     if _semi_structured_ok(layout, m, weight, grad_needed):
         return SEMI_STRUCTURED
     sparse = backends.resolve(FAMILY, "auto", device)
     if sparse == "torch" or layout.density == 1.0 or weight.dtype == torch.float64 and sparse == "triton":
         return _dense(weight_is_masked or layout.density == 1.0)
-    if decode and sparse == "cpu":
-        return DECODE if decode_pays(layout, weight.dtype) else _dense(weight_is_masked)
-    if layout.nnzb == 0 or predicted_speedup(layout, m, device.type) >= MARGIN:
+    if inference and sparse == "cpu":
+        return PACKED if packed_pays(layout, weight.dtype, m) else _dense(weight_is_masked)
+    if layout.nnzb == 0 or predicted_speedup(layout, m, device.type, weight.dtype) >= MARGIN:
         return backends.implementation(FAMILY, sparse)
     return _dense(weight_is_masked)

@@ -1,20 +1,23 @@
-"""MaskedLinear (and MaskedConv1D, nnopt/nn/masked_conv1d.py): an nn.Linear whose weight carries a mask, computed on block-sparse kernels where that pays.
+"""MaskedLinear (and MaskedConv1D, nnopt/nn/masked_conv1d.py): an nn.Linear whose weight carries a mask, computed
+on block-sparse kernels where that pays.
 
 The weight follows nnopt.prune's mask contract: it holds exact zeros at masked entries, the bool buffer
 ``weight_mask`` (True = kept) sits beside it and is the weight's mask in nnopt.sparsity, so nnopt optimizers keep
 the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
 state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
 
-Inference at decode shapes (at most dispatch.DECODE_ROWS rows, no gradient needed, CPU) takes a short path: the
-layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed) and
-repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call is
-then one op call. The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
+Inference on CPU (no gradient needed) of at most dispatch.PACKED_ROWS rows (decode, short prefill) takes a short
+path: the layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed)
+and repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call
+is then one op call. auto takes it per M class where the calibrated cost model predicts it beats dense F.linear.
+The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
 """
 
 import torch
 
 from nnopt import layers, sparsity
 from nnopt.nn import dispatch, functional
+from nnopt.nn.calibrate import m_class
 from nnopt.prune import _contract
 
 
@@ -83,17 +86,17 @@ class MaskedLayerMixin:
         impl = dispatch.choose(layout, m, weight, self.backend, True,
                                grad_needed=functional.needs_grad(xc, weight, bias))
         # torch.compile replays this plan: the decode path's cache is host bookkeeping, so it replays the kernels
-        self._plan = (layout, impl if impl is not dispatch.DECODE else dispatch.backends.implementation(
+        self._plan = (layout, impl if impl is not dispatch.PACKED else dispatch.backends.implementation(
             dispatch.FAMILY, "cpu"))
         return functional.masked_linear(xc, weight, mask_nk, bias, self.backend, layout=layout,
                                         weight_is_masked=True, impl=impl)
 
     def _decode(self, x):
-        """y for an inference call of at most DECODE_ROWS rows on the packed panels, or None when this call is not
-        one (more rows, a forced non-CPU backend, or auto predicting dense to be faster)."""
+        """y for an inference call on the packed panels, or None when auto predicts dense F.linear to be faster
+        for this many rows (or a forced non-CPU backend, a dtype mismatch: the checked path handles those)."""
         k = x.shape[-1]
         m = x.numel() // k if k else 0
-        if not 0 < m <= dispatch.DECODE_ROWS or self.backend not in ("auto", "cpu") or not x.is_floating_point():
+        if not 0 < m <= dispatch.PACKED_ROWS or self.backend not in ("auto", "cpu") or not x.is_floating_point():
             return None
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
         w, b = self.weight, self.bias
@@ -101,30 +104,33 @@ class MaskedLayerMixin:
                None if b is None else (b._version, b.data_ptr()))
         plan = self._decode_plan
         if plan is None or plan[0] != key:
-            plan = (key, self._decode_runner(dtype, x))
-            self._decode_plan = plan
-        run = plan[1]
-        if run is None:
+            plan = self._decode_plan = (key, {}, [None])  # key, M class -> packed pays, [runner]
+        mc = m_class(m)
+        pays = plan[1].get(mc)
+        if pays is None:
+            pays = plan[1][mc] = self._packed_pays(dtype, x, m)
+        if not pays:
             return None
+        if plan[2][0] is None:
+            layout = dispatch.cached_layout(self._mask_nk(), *self.block_size)
+            plan[2][0] = dispatch.packed_runner(self._weight_nk(), self._mask_nk(), self.bias, layout, dtype)
         x2 = x.reshape(m, k)
         if x2.dtype != dtype:
             x2 = x2.to(dtype)
-        return run(x2.contiguous()).view(*x.shape[:-1], self._out_features())
+        return plan[2][0](x2.contiguous()).view(*x.shape[:-1], self._out_features())
 
-    def _decode_runner(self, dtype, x):
+    def _packed_pays(self, dtype, x, m):
         if x.dtype != self.weight.dtype and not torch.is_autocast_enabled("cpu"):
-            return None  # a dtype mismatch: the checked path raises the error
+            return False  # a dtype mismatch: the checked path raises the error
         if self.weight.dtype == torch.float64 and dtype != torch.float64 or x.shape[-1] != self._in_features():
-            return None
+            return False
         if self.weight.device.type != "cpu":
-            return None
-        mask = self._mask_nk()
-        layout = dispatch.cached_layout(mask, *self.block_size)
+            return False
         if dispatch.backends.resolve(dispatch.FAMILY, self.backend, "cpu") != "cpu":
-            return None
-        if self.backend == "auto" and not dispatch.decode_pays(layout, dtype):
-            return None
-        return dispatch.packed_runner(self._weight_nk(), mask, self.bias, layout, dtype)
+            return False
+        if self.backend == "cpu":
+            return True
+        return dispatch.packed_pays(dispatch.cached_layout(self._mask_nk(), *self.block_size), dtype, m)
 
     def __getstate__(self):
         state = super().__getstate__()

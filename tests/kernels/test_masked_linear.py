@@ -204,6 +204,22 @@ def test_bad_inputs_name_the_argument():
         fns.masked_linear(x[0], weight, mask, bias, layout)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+def test_triton_split_k_decode(dtype):
+    """The Triton forward's split-K path (M <= DECODE_ROWS): M in {1, 2, 3, 7, 16}, odd N and K, empty, full and
+    mixed block rows (the "tiles" mask), the partials of every split summed once."""
+    fns = impl("triton")
+    from nnopt.kernels import masked_linear as tk
+
+    assert tk.DECODE_ROWS == 16
+    for i, m in enumerate((1, 2, 3, 7, 16)):
+        x, weight, mask, bias, _, layout = make("tiles", 16, 16, m, dtype, n=47, k=53)
+        mask[:16] = False  # block row 0 empty
+        mask[16:32] = True  # block row 1 full
+        layout = BlockLayout(mask, 16, 16)
+        check_forward(fns, x, weight, mask, bias if i % 2 else None, layout)
+
+
 @pytest.mark.gpu
 class TestCuda:
     """The Triton kernels compiled on CUDA (skipped without a device): bf16, fp16 and fp32 ("ieee") forward, dx and
@@ -227,6 +243,10 @@ class TestCuda:
             check_forward(fns, x, weight, mask, None, layout)
             check_dx(fns, dy, weight, mask, layout)
             check_dw(fns, dy, x, mask, layout)
+        for m_decode in (1, 16):  # the split-K forward
+            x, weight, mask, bias, _, layout = make("tiles", *blocks, m_decode, dtype, "cuda", n, k)
+            weight[~mask] = float("nan")
+            check_forward(fns, x, weight, mask, bias, layout)
         x, weight, mask, bias, dy, layout = make("tiles", *blocks, 0, dtype, "cuda", n, k)
         assert fns.masked_linear(x, weight, mask, bias, layout).shape == (0, n)
         assert (fns.masked_linear_dw(dy, x, mask, layout) == 0).all()

@@ -1,6 +1,6 @@
-"""MaskedLinear and masked_linear at decode shapes on CPU: the packed-panel path (nnopt::masked_linear_packed).
+"""MaskedLinear and masked_linear at inference on CPU: the packed-panel path (nnopt::masked_linear_packed).
 
-Inference calls of at most DECODE_ROWS rows run on panels packed once and cached; they must give the reference's
+Inference calls (decode and prefill shapes) run on panels packed once and cached; they must give the reference's
 result in every dtype and under autocast, build no autograd node, and repack exactly when the weight, mask, bias or
 dtype changes (an optimizer step, set_mask, an in-place edit, autocast on/off).
 """
@@ -44,7 +44,7 @@ def test_inference_matches_reference(dtype, lead):
     with torch.no_grad():
         y = lay(x)
     assert y.shape == (*lead, 70) and y.dtype == dtype and y.grad_fn is None
-    assert lay._decode_plan is not None and lay._decode_plan[1] is not None  # the packed path ran
+    assert lay._decode_plan[2][0] is not None  # the packed path ran
     assert_close(y, expected(lay, x).to(dtype), reduction_length=90)
 
 
@@ -77,16 +77,21 @@ def test_panels_are_packed_once_and_repacked_when_anything_changes():
         assert_close(lay(x), expected(lay, x).float(), reduction_length=90)
 
 
-def test_grad_path_is_unchanged_and_more_rows_take_the_batch_kernels():
+def test_grad_path_is_unchanged_and_takes_the_batch_kernels():
     lay = layer()
     x = torch.randn(3, 90, requires_grad=True)
     y = lay(x)
     assert y.grad_fn is not None
     y.sum().backward()
     assert (lay.weight.grad[~lay.weight_mask] == 0).all()
-    with torch.no_grad():
-        lay(torch.randn(dispatch.DECODE_ROWS + 1, 90))
     assert lay._plan[1] is dispatch.backends.implementation("masked_linear", "cpu")
+    with torch.no_grad():
+        x = torch.randn(64, 90)
+        y = lay(x)  # prefill-sized inference: packed too
+        assert lay._decode_plan[1] == {64: True} and y.grad_fn is None
+        lay(torch.randn(dispatch.PACKED_ROWS + 1, 90))  # more rows: the panel kernels
+    assert lay._decode_plan[1] == {64: True}
+    assert_close(y, expected(lay, x).float(), reduction_length=90)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
@@ -112,7 +117,7 @@ def test_functional_decode_path_caches_per_weight():
     x = torch.randn(5, 90)
     y = nnn.functional.masked_linear(x, w, mask, None, "cpu")
     assert_close(y, ref.masked_linear(x.double(), w.double(), mask, None).float(), reduction_length=90)
-    assert dispatch.choose(dispatch.cached_layout(mask, 32, 32), 5, w, "cpu", grad_needed=False) is dispatch.DECODE
+    assert dispatch.choose(dispatch.cached_layout(mask, 32, 32), 5, w, "cpu", grad_needed=False) is dispatch.PACKED
     w.mul_(2.0)  # a new version: repacked
     y = nnn.functional.masked_linear(x, w, mask, None, "cpu")
     assert_close(y, ref.masked_linear(x.double(), w.double(), mask, None).float(), reduction_length=90)
@@ -125,5 +130,5 @@ def test_auto_takes_the_packed_path_only_where_it_pays():
     with torch.no_grad():
         for lay in (sparse, dense):
             assert_close(lay(x), expected(lay, x).float(), reduction_length=512)
-    assert sparse._decode_plan[1] is not None
-    assert dense._decode_plan[1] is None  # dense F.linear
+    assert sparse._decode_plan[1] == {1: True} and sparse._decode_plan[2][0] is not None
+    assert dense._decode_plan[1] == {1: False} and dense._decode_plan[2][0] is None  # dense F.linear, nothing packed
