@@ -12,6 +12,8 @@ from nnopt.testing import assert_close
 from tests.conftest import skip_unless_available
 from tests.kernels import test_fused_optim as base
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
+
 BACKENDS = ["triton", "cuda", "cpu"]
 
 # op -> (state list names, {flag: values}, fixed hyperparameters), as test_fused_optim.OPS
