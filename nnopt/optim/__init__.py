@@ -1,5 +1,7 @@
-"""Fused drop-in replacements for torch.optim: SGD, Adam, AdamW, Adagrad, RMSprop, NAdam, RAdam, Adamax; Lion, LAMB; Muon."""
+"""Fused drop-in replacements for torch.optim: SGD, Adam, AdamW, Adagrad, RMSprop, NAdam, RAdam, Adamax, Adafactor,
+Muon; Lion and LAMB."""
 
+from nnopt.optim.adafactor import Adafactor
 from nnopt.optim.adagrad import Adagrad
 from nnopt.optim.adam import Adam, AdamW
 from nnopt.optim.adamax import Adamax
@@ -11,4 +13,4 @@ from nnopt.optim.radam import RAdam
 from nnopt.optim.rmsprop import RMSprop
 from nnopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion", "LAMB", "Muon"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion", "LAMB", "Muon", "Adafactor"]
