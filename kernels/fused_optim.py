@@ -31,6 +31,7 @@ reference on CPU the only per-step difference left is torch's CPU sqrt, which is
 lr_tensor, grad_scale and found_inf are read inside the kernel, never on the host.
 """
 
+import itertools
 import os
 
 import torch
@@ -771,3 +772,209 @@ def lion_step(params, grads, exp_avgs, masters, masks, *, lr, beta1, beta2, weig
         _lion_kernel, lists,
         [lr_tensor, grad_scale, found_inf, float(lr), float(beta1), float(beta2), float(weight_decay), float(l1)],
         MAXIMIZE=bool(maximize), **check, **flags)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# LAMB (apex FusedLAMB; math in nnopt.reference.fused_optim) and per-tensor L2 norms. Reductions are two-stage and
+# deterministic: each program writes its chunk's partial sums, then a float64 cumulative sum over the chunks (a
+# tensor's chunks are consecutive) gives each tensor's total as a difference of two entries.
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _lamb_direction(p, m, v, keep, bc1, bc2, eps, wd, CD: tl.constexpr, ADAM_W: tl.constexpr):
+    u = div_rn(div_rn(m, bc1.to(CD), CD), sqrt_rn(div_rn(v, bc2.to(CD), CD), CD) + eps.to(CD), CD)
+    if ADAM_W:
+        u = tl.fma(p, wd.to(CD), u)
+    return tl.where(keep, u, 0.0)
+
+
+@triton.jit
+def _lamb_scalars(step_ptr, beta1, beta2, bias_correction1, bias_correction2, HAS_STEP: tl.constexpr,
+                  BIAS_CORRECTION: tl.constexpr):
+    bc1 = f64(bias_correction1)
+    bc2 = f64(bias_correction2)
+    if HAS_STEP:
+        if BIAS_CORRECTION:
+            step = tl.load(step_ptr).to(tl.float64)
+            bc1 = 1 - _pow(beta1, step)
+            bc2 = 1 - _pow(beta2, step)
+        else:
+            bc1 = f64(1.0)
+            bc2 = f64(1.0)
+    return bc1, bc2
+
+
+@triton.jit
+def _lamb_pass1_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, gnorm_ptr, partial_ptr, lr: tl.float64,
+                       beta1: tl.float64, beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64,
+                       max_grad_norm: tl.float64, bias_correction1: tl.float64, bias_correction2: tl.float64,
+                       P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr,
+                       HAS_MASK: tl.constexpr, HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr,
+                       HAS_INF: tl.constexpr, HAS_STEP: tl.constexpr, HAS_GNORM: tl.constexpr,
+                       MAXIMIZE: tl.constexpr, ADAM_W: tl.constexpr, GRAD_AVERAGING: tl.constexpr,
+                       BIAS_CORRECTION: tl.constexpr, N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr,
+                       CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    v_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    bc1, bc2 = _lamb_scalars(step_ptr, beta1, beta2, bias_correction1, bias_correction2, HAS_STEP, BIAS_CORRECTION)
+    clip = f64(1.0)
+    if HAS_GNORM:
+        norm = tl.load(gnorm_ptr).to(tl.float64) / scale
+        max_norm = f64(max_grad_norm)
+        clip = tl.where((max_norm > 0) & (norm > max_norm), norm / tl.where(max_norm > 0, max_norm, 1.0), 1.0)
+    beta3 = 1.0 - beta1
+    if not GRAD_AVERAGING:
+        beta3 = f64(1.0)
+    pn = tl.zeros((BLOCK,), tl.float32).to(CD)
+    un = tl.zeros((BLOCK,), tl.float32).to(CD)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        m = offs < end
+        p, g, keep = _prologue(p_ptr, g_ptr, w_ptr, k_ptr, offs, m, scale, CD, HAS_MASTER, HAS_MASK, HAS_SCALE,
+                               MAXIMIZE)
+        g = div_rn(g, clip.to(CD), CD)
+        if not ADAM_W:
+            g = tl.fma(p, wd.to(CD), g)
+        exp_avg = tl.fma(g, beta3.to(CD), _load_state(m_ptr, offs, m, CD) * beta1.to(CD))
+        exp_avg_sq = tl.fma((1.0 - beta2).to(CD) * g, g, _load_state(v_ptr, offs, m, CD) * beta2.to(CD))
+        exp_avg = tl.where(keep, exp_avg, 0.0)
+        exp_avg_sq = tl.where(keep, exp_avg_sq, 0.0)
+        _store_state(m_ptr, offs, m, exp_avg, keep, HAS_MASK)
+        _store_state(v_ptr, offs, m, exp_avg_sq, keep, HAS_MASK)
+        u = _lamb_direction(p, exp_avg, exp_avg_sq, keep, bc1, bc2, eps, wd, CD, ADAM_W)
+        pk = tl.where(keep, p, 0.0)
+        pn += pk * pk
+        un += u * u
+    pid = tl.program_id(0).to(tl.int64)
+    tl.store(partial_ptr + 2 * pid, tl.sum(pn, 0).to(tl.float64))
+    tl.store(partial_ptr + 2 * pid + 1, tl.sum(un, 0).to(tl.float64))
+
+
+@triton.jit
+def _lamb_pass2_kernel(table, lr_ptr, scale_ptr, inf_ptr, step_ptr, ratio_ptr, lr: tl.float64, beta1: tl.float64,
+                       beta2: tl.float64, eps: tl.float64, weight_decay: tl.float64, l1: tl.float64,
+                       bias_correction1: tl.float64, bias_correction2: tl.float64, P_DTYPE: tl.constexpr,
+                       S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
+                       HAS_LR_T: tl.constexpr, HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr,
+                       HAS_STEP: tl.constexpr, ADAM_W: tl.constexpr, BIAS_CORRECTION: tl.constexpr,
+                       N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr, CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end, lr, scale, p_ptr, g_ptr, w_ptr, k_ptr = _setup(
+        table, lr, lr_ptr, scale_ptr, inf_ptr, P_DTYPE, HAS_MASTER, HAS_MASK, HAS_LR_T, HAS_SCALE, HAS_INF, N_SLOTS,
+        ALIGNED, CHUNK, BLOCK)
+    S0: tl.constexpr = 2 + HAS_MASTER + HAS_MASK
+    m_ptr = slot_ptr(row, S0, S_DTYPE, ALIGNED)
+    v_ptr = slot_ptr(row, S0 + 1, S_DTYPE, ALIGNED)
+    beta1 = f64(beta1)
+    beta2 = f64(beta2)
+    eps = f64(eps)
+    wd = f64(weight_decay)
+    l1 = f64(l1)
+    bc1, bc2 = _lamb_scalars(step_ptr, beta1, beta2, bias_correction1, bias_correction2, HAS_STEP, BIAS_CORRECTION)
+    t = tl.load(table + 2 * tl.program_id(0).to(tl.int64))
+    neg_ratio = (-tl.load(ratio_ptr + t)).to(CD)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        m = offs < end
+        if HAS_MASTER:
+            p = tl.load(w_ptr + offs, mask=m, other=0.0).to(CD)
+        else:
+            p = tl.load(p_ptr + offs, mask=m, other=0.0).to(CD)
+        keep = m
+        if HAS_MASK:
+            keep = tl.load(k_ptr + offs, mask=m, other=0) != 0
+        u = _lamb_direction(p, _load_state(m_ptr, offs, m, CD), _load_state(v_ptr, offs, m, CD), keep, bc1, bc2, eps,
+                            wd, CD, ADAM_W)
+        p = tl.fma(u, neg_ratio, p)
+        _epilogue(p_ptr, w_ptr, offs, m, p, keep, (lr * l1).to(CD), l1 > 0, HAS_MASTER, HAS_MASK)
+
+
+@triton.jit
+def _sum_squares_kernel(table, partial_ptr, DTYPE: tl.constexpr, N_SLOTS: tl.constexpr, ALIGNED: tl.constexpr,
+                        CHUNK: tl.constexpr, BLOCK: tl.constexpr):
+    row, start, lim, end = chunk_bounds(table, N_SLOTS, CHUNK, BLOCK)
+    x_ptr = slot_ptr(row, 0, DTYPE, ALIGNED)
+    acc = tl.zeros((BLOCK,), tl.float32)
+    if DTYPE == tl.float64:
+        acc = acc.to(tl.float64)
+    for off in range(start, end, BLOCK):
+        offs = off + tl.arange(0, BLOCK)
+        x = tl.load(x_ptr + offs, mask=offs < end, other=0.0).to(acc.dtype)
+        acc += x * x
+    tl.store(partial_ptr + tl.program_id(0).to(tl.int64), tl.sum(acc, 0).to(tl.float64))
+
+
+def _segment_sums(partial, numels, chunk):
+    """Per-tensor sums of per-chunk partials [C, K] (float64): the chunks of the non-empty tensors, in order."""
+    counts = [(n + chunk - 1) // chunk for n in numels if n > 0]
+    ends = torch.tensor(list(itertools.accumulate(counts)), device=partial.device) - 1
+    cs = partial.cumsum(0)
+    totals = cs.index_select(0, ends)
+    return torch.cat([totals[:1], totals[1:] - totals[:-1]])
+
+
+def l2_norms(tensors):
+    """Per-tensor L2 norms of contiguous floating tensors on one device: float32 [len(tensors)] (one launch per
+    dtype present; chunk partials in float32, float64 for float64 tensors, summed in float64)."""
+    device = tensors[0].device
+    out = torch.zeros(len(tensors), dtype=torch.float64, device=device)
+    by_dtype = {}
+    for i, t in enumerate(tensors):
+        if t.dtype not in _PARAM_DTYPES:
+            raise TypeError(f"l2_norms: tensors[{i}] has dtype {t.dtype}, expected a floating dtype")
+        by_dtype.setdefault(t.dtype, []).append(i)
+    for dtype, idx in by_dtype.items():
+        lst = [tensors[i] for i in idx]
+        nonempty = [i for i, t in zip(idx, lst) if t.numel() > 0]
+        if not nonempty:
+            continue
+        n_chunks = sum((t.numel() + _multi_tensor.CHUNK - 1) // _multi_tensor.CHUNK for t in lst)
+        partial = torch.empty(n_chunks, dtype=torch.float64, device=device)
+        _multi_tensor.launch(_sum_squares_kernel, [lst], [partial], op="l2_norms", names=["tensors"],
+                             dtypes=[dtype], DTYPE=tl_dtype(dtype))
+        sums = _segment_sums(partial[:, None], [t.numel() for t in lst], _multi_tensor.CHUNK)[:, 0]
+        out[torch.tensor(nonempty, device=device)] = sums
+    return out.sqrt().to(torch.float32)
+
+
+def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1, beta2, eps, weight_decay,
+              adam_w_mode, grad_averaging, use_nvlamb, bias_correction, max_grad_norm, maximize, l1, bias_correction1,
+              bias_correction2, lr_tensor=None, grad_scale=None, found_inf=None, step=None, grad_norm=None):
+    """LAMB (apex FusedLAMB) on every tensor of `params`, in place: a moments-and-norms launch, the per-tensor
+    trust ratios from the chunk partials (device ops, no host read), then an update launch."""
+    if not params:
+        return
+    states = {"exp_avgs": exp_avgs, "exp_avg_sqs": exp_avg_sqs}
+    lists, check, flags = _check("lamb_step", params, grads, masters, masks, states, lr_tensor, grad_scale,
+                                 found_inf, step)
+    if grad_norm is not None:
+        _check("lamb_step", params, grads, masters, masks, states, grad_norm, None, None)
+    device = params[0].device
+    n_chunks = sum((p.numel() + _multi_tensor.CHUNK - 1) // _multi_tensor.CHUNK for p in params)
+    if n_chunks == 0:
+        return
+    partial = torch.zeros((n_chunks, 2), dtype=torch.float64, device=device)
+    common = dict(HAS_STEP=step is not None, ADAM_W=bool(adam_w_mode), BIAS_CORRECTION=bool(bias_correction))
+    _multi_tensor.launch(
+        _lamb_pass1_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, step, grad_norm, partial, float(lr), float(beta1), float(beta2),
+         float(eps), float(weight_decay), float(max_grad_norm), float(bias_correction1), float(bias_correction2)],
+        HAS_GNORM=grad_norm is not None, MAXIMIZE=bool(maximize), GRAD_AVERAGING=bool(grad_averaging), **common,
+        **check, **flags)
+    norms = _segment_sums(partial, [p.numel() for p in params], _multi_tensor.CHUNK).sqrt()
+    lr_value = lr_tensor.reshape(()).to(torch.float64) if lr_tensor is not None else float(lr)
+    trust = (norms[:, 0] != 0) & (norms[:, 1] != 0) & bool(use_nvlamb or weight_decay != 0)
+    ratio = torch.where(trust, lr_value * (norms[:, 0] / norms[:, 1]), lr_value)
+    _multi_tensor.launch(
+        _lamb_pass2_kernel, lists,
+        [lr_tensor, grad_scale, found_inf, step, ratio, float(lr), float(beta1), float(beta2), float(eps),
+         float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2)],
+        **common, **check, **flags)

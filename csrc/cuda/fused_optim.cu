@@ -12,9 +12,20 @@
 #include <c10/cuda/CUDAStream.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/ops/cat.h>
+#include <ATen/ops/cumsum.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/index_select.h>
+#include <ATen/ops/logical_and.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cstdint>
+#include <cstring>
 #include <optional>
 #include <type_traits>
 #include <vector>
@@ -422,6 +433,212 @@ void lion_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, Te
   launch<LionOp>(tensors, !masters.empty(), params[0].device(), a, f, sc);
 }
 
+// ---------------------------------------------------------------------------------------------------------
+// LAMB (apex FusedLAMB; math in optim_math.h). Pass 1: one launch per dtype over all chunks; each block updates
+// the moments of its chunk and writes its partial (sum p^2, sum u^2) to partial[offset + blockIdx.x] (a block
+// reduction: deterministic). The per-tensor norms are sums over each tensor's consecutive chunks (a float64
+// cumulative sum, then differences), the trust ratios follow on the device, spread to one ratio per chunk.
+// Pass 2: one launch per dtype; each block applies its chunk's ratio. No host synchronisation.
+
+template <typename C>
+__device__ double block_sum(C x, double* shared) {
+  double v = double(x);
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_down_sync(0xffffffffu, v, o);
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  __syncthreads();
+  if (lane == 0) shared[warp] = v;
+  __syncthreads();
+  double total = 0;
+  if (threadIdx.x == 0) {
+    for (int w = 0; w < int(blockDim.x / 32); ++w) total += shared[w];
+  }
+  return total;
+}
+
+template <typename P, bool Master>
+struct LambPass1Functor {
+  LambArgs args;
+  DeviceScalar lr, grad_scale, step, grad_norm;
+  double max_grad_norm;
+  bool masked, adam_w;
+  double* partial;
+  int64_t offset;
+
+  __device__ void operator()(const TensorPtrs& t, int64_t start, int64_t n) const {
+    using C = compute_t<P>;
+    using S = std::conditional_t<Master, float, P>;
+    __shared__ double shared[cuda::kBlockThreads / 32];
+    LambArgs a = args;
+    a.grad_scale = grad_scale.get(1.0);
+    if (step.ptr != nullptr) set_step(a, step.get(0.0));
+    if (grad_norm.ptr != nullptr) a.clip = lamb_clip(grad_norm.get(0.0), a.grad_scale, max_grad_norm);
+    const auto h = make_lamb<C>(lr.get(args.lr), a);
+    const P* param = static_cast<const P*>(t.param) + start;
+    const float* master = Master ? t.master + start : nullptr;
+    const P* grad = static_cast<const P*>(t.grad) + start;
+    S* ms = static_cast<S*>(t.s[0]) + start;
+    S* vs = static_cast<S*>(t.s[1]) + start;
+    const uint8_t* mask = masked ? t.mask + start : nullptr;
+    C pn = 0, un = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const bool keep = mask ? mask[i] != 0 : true;
+      C p = Master ? C(master[i]) : static_cast<C>(param[i]);
+      C m = static_cast<C>(ms[i]), v = static_cast<C>(vs[i]);
+      const C u = lamb_moments(p, static_cast<C>(grad[i]), m, v, keep, adam_w, h);
+      ms[i] = static_cast<S>(m);
+      vs[i] = static_cast<S>(v);
+      p = keep ? p : C(0);
+      pn += p * p;
+      un += u * u;
+    }
+    const double sp = block_sum(pn, shared);
+    const double su = block_sum(un, shared);
+    if (threadIdx.x == 0) {
+      partial[2 * (offset + blockIdx.x)] = sp;
+      partial[2 * (offset + blockIdx.x) + 1] = su;
+    }
+  }
+};
+
+template <typename P, bool Master>
+struct LambPass2Functor {
+  LambArgs args;
+  DeviceScalar lr, grad_scale, step;
+  bool masked, adam_w;
+  const double* chunk_ratio;
+  int64_t offset;
+
+  __device__ void operator()(const TensorPtrs& t, int64_t start, int64_t n) const {
+    using C = compute_t<P>;
+    using S = std::conditional_t<Master, float, P>;
+    LambArgs a = args;
+    a.grad_scale = grad_scale.get(1.0);
+    if (step.ptr != nullptr) set_step(a, step.get(0.0));
+    const auto h = make_lamb<C>(lr.get(args.lr), a);
+    const C neg_ratio = C(-chunk_ratio[offset + blockIdx.x]);
+    P* param = static_cast<P*>(t.param) + start;
+    float* master = Master ? t.master + start : nullptr;
+    const S* ms = static_cast<const S*>(t.s[0]) + start;
+    const S* vs = static_cast<const S*>(t.s[1]) + start;
+    const uint8_t* mask = masked ? t.mask + start : nullptr;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
+      const bool keep = mask ? mask[i] != 0 : true;
+      C p = Master ? C(master[i]) : static_cast<C>(param[i]);
+      const C u = lamb_direction(p, static_cast<C>(ms[i]), static_cast<C>(vs[i]), keep, adam_w, h);
+      p = fma_(neg_ratio, u, p);
+      p = l1_prox(p, h.l1_thr);
+      if (mask) p = keep ? p : C(0);
+      if (Master) master[i] = float(p);
+      param[i] = static_cast<P>(p);
+    }
+  }
+};
+
+// A host vector of int64 copied to the device from pinned memory, asynchronously (no host synchronisation).
+Tensor to_device_async(const std::vector<int64_t>& v, at::Device device) {
+  Tensor host = at::empty({int64_t(v.size())}, at::TensorOptions().dtype(at::kLong).pinned_memory(true));
+  std::memcpy(host.data_ptr<int64_t>(), v.data(), v.size() * sizeof(int64_t));
+  return host.to(device, /*non_blocking=*/true);
+}
+
+template <template <typename, bool> class F, typename Make>
+void lamb_launch_dtype(at::ScalarType dt, bool master, const std::vector<TensorPtrs>& metas, at::Device device,
+                       const float* found_inf, const Make& make) {
+  auto go = [&](auto tag, auto m) {
+    using P = decltype(tag);
+    constexpr bool M = decltype(m)::value;
+    F<P, M> f = make(tag, m);
+    cuda::multi_tensor_apply(metas, device, found_inf, f);
+  };
+  using T = std::true_type;
+  using Fl = std::false_type;
+  switch (dt) {
+    case at::kFloat: return master ? go(float{}, T{}) : go(float{}, Fl{});
+    case at::kDouble: return master ? go(double{}, T{}) : go(double{}, Fl{});
+    case at::kBFloat16: return master ? go(c10::BFloat16{}, T{}) : go(c10::BFloat16{}, Fl{});
+    case at::kHalf: return master ? go(c10::Half{}, T{}) : go(c10::Half{}, Fl{});
+    default: TORCH_CHECK(false, "nnopt: unsupported param dtype ", dt);
+  }
+}
+
+void lamb_step_cuda(TensorList params, TensorList grads, TensorList exp_avgs, TensorList exp_avg_sqs,
+                    TensorList masters, TensorList masks, double lr, double beta1, double beta2, double eps,
+                    double weight_decay, bool adam_w_mode, bool grad_averaging, bool use_nvlamb, bool bias_correction,
+                    double max_grad_norm, bool maximize, double l1, double bias_correction1, double bias_correction2,
+                    const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
+                    const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step,
+                    const std::optional<Tensor>& grad_norm) {
+  const char* op = "lamb_step_";
+  auto tensors = check_inputs(op, at::kCUDA, params, grads, masters, masks,
+                              {{"exp_avgs", exp_avgs, true}, {"exp_avg_sqs", exp_avg_sqs, true}});
+  if (params.empty()) return;
+  const at::Device device = params[0].device();
+  c10::cuda::CUDAGuard guard(device);
+  Scalars sc = prepare_scalars(op, params, lr_tensor, grad_scale, found_inf, step);
+  check_scalar_tensor(op, "grad_norm", grad_norm, device);
+  Tensor norm_keep;
+  const DeviceScalar gnorm = device_scalar(grad_norm, norm_keep);
+  const LambArgs a{lr, beta1, beta2, eps, weight_decay, l1, bias_correction1, bias_correction2, 1.0, 1.0,
+                   maximize, grad_averaging, bias_correction};
+  const bool has_master = !masters.empty(), masked = !masks.empty();
+  // Tensors grouped by dtype (one launch each), chunks numbered across the groups in launch order.
+  const at::ScalarType dtypes[] = {at::kFloat, at::kBFloat16, at::kHalf, at::kDouble};
+  std::vector<std::vector<TensorPtrs>> groups;
+  std::vector<at::ScalarType> group_dtype;
+  std::vector<int64_t> offsets, counts, chunk_tensor;
+  int64_t n_chunks = 0, n_tensors = 0;
+  for (at::ScalarType dt : dtypes) {
+    std::vector<TensorPtrs> metas;
+    for (const TensorPtrs& t : tensors) {
+      if (t.dtype == dt && t.numel > 0) metas.push_back(t);
+    }
+    if (metas.empty()) continue;
+    offsets.push_back(n_chunks);
+    for (const TensorPtrs& t : metas) {
+      const int64_t c = (t.numel + cuda::kChunkSize - 1) / cuda::kChunkSize;
+      counts.push_back(c);
+      for (int64_t k = 0; k < c; ++k) chunk_tensor.push_back(n_tensors);
+      n_chunks += c;
+      ++n_tensors;
+    }
+    groups.push_back(std::move(metas));
+    group_dtype.push_back(dt);
+  }
+  if (n_chunks == 0) return;
+  const auto f64 = at::TensorOptions().dtype(at::kDouble).device(device);
+  Tensor partial = at::zeros({n_chunks, 2}, f64);
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    lamb_launch_dtype<LambPass1Functor>(group_dtype[gi], has_master, groups[gi], device, sc.found_inf,
+                                        [&](auto tag, auto m) {
+                                          return LambPass1Functor<decltype(tag), decltype(m)::value>{
+                                              a, sc.lr, sc.grad_scale, sc.step, gnorm, max_grad_norm, masked,
+                                              adam_w_mode, partial.data_ptr<double>(), offsets[gi]};
+                                        });
+  }
+  // Per-tensor sums over consecutive chunks: cumulative sums at each tensor's last chunk, differenced.
+  std::vector<int64_t> last(counts.size());
+  int64_t acc = 0;
+  for (size_t i = 0; i < counts.size(); ++i) last[i] = (acc += counts[i]) - 1;
+  Tensor last_t = to_device_async(last, device);
+  Tensor totals = at::cumsum(partial, 0).index_select(0, last_t);
+  Tensor sums = at::cat({totals.slice(0, 0, 1), totals.slice(0, 1) - totals.slice(0, 0, -1)}, 0);
+  Tensor norms = at::sqrt(sums);
+  Tensor pn = norms.select(1, 0), un = norms.select(1, 1);
+  Tensor lr_t = lr_tensor.has_value() ? lr_tensor->to(f64).reshape({}) : at::scalar_tensor(lr, f64);
+  const bool trust = use_nvlamb || weight_decay != 0;
+  Tensor ratio = trust ? at::where(at::logical_and(pn != 0, un != 0), lr_t * (pn / un), lr_t) : lr_t.expand_as(pn);
+  Tensor chunk_t = to_device_async(chunk_tensor, device);
+  Tensor chunk_ratio = ratio.index_select(0, chunk_t).contiguous();
+  for (size_t gi = 0; gi < groups.size(); ++gi) {
+    lamb_launch_dtype<LambPass2Functor>(group_dtype[gi], has_master, groups[gi], device, sc.found_inf,
+                                        [&](auto tag, auto m) {
+                                          return LambPass2Functor<decltype(tag), decltype(m)::value>{
+                                              a, sc.lr, sc.grad_scale, sc.step, masked, adam_w_mode,
+                                              chunk_ratio.data_ptr<double>(), offsets[gi]};
+                                        });
+  }
+}
+
 }  // namespace
 }  // namespace nnopt
 
@@ -434,4 +651,5 @@ TORCH_LIBRARY_IMPL(nnopt, CUDA, m) {
   m.impl("radam_step_", &nnopt::radam_step_cuda);
   m.impl("adamax_step_", &nnopt::adamax_step_cuda);
   m.impl("lion_step_", &nnopt::lion_step_cuda);
+  m.impl("lamb_step_", &nnopt::lamb_step_cuda);
 }

@@ -79,8 +79,12 @@ class LAMB(FusedOptimizer):
                 by_device.setdefault(g.device, []).append(g if g.is_contiguous() else g.contiguous())
         squares = []
         for device, grads in by_device.items():
-            impl = backends.implementation(FAMILY, backends.resolve(FAMILY, self.param_groups[0]["backend"], device))
-            squares.append(impl.l2_norms(grads).to(torch.float64).square().sum())
+            backend = backends.resolve(FAMILY, self.param_groups[0]["backend"], device)
+            if backend == "cuda":  # torch's multi-tensor norm kernel: one launch, no host read
+                norms = torch.stack(torch._foreach_norm(grads))
+            else:
+                norms = backends.implementation(FAMILY, backend).l2_norms(grads)
+            squares.append(norms.to(torch.float64).square().sum())
         if not squares:
             return {}
         first = squares[0].device

@@ -12,6 +12,8 @@ from nnopt.testing import assert_close
 from tests.conftest import skip_unless_available
 from tests.kernels import test_fused_optim as base
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
+
 BACKENDS = ["triton", "cuda", "cpu"]
 
 # op -> (state list names, {flag: values}, fixed hyperparameters), as test_fused_optim.OPS
@@ -24,6 +26,10 @@ OPS = {
                     dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-8)),
     "lion_step": (("exp_avgs",), dict(weight_decay=[0.0, 0.1], maximize=[False, True]),
                   dict(lr=0.01, beta1=0.9, beta2=0.99)),
+    "lamb_step": (("exp_avgs", "exp_avg_sqs"),
+                  dict(adam_w_mode=[False, True], weight_decay=[0.0, 0.1], max_grad_norm=[0.0, 1.0]),
+                  dict(lr=0.01, beta1=0.9, beta2=0.999, eps=1e-6, grad_averaging=True, use_nvlamb=False,
+                       bias_correction=True, maximize=False)),
 }
 base.OPS.update(OPS)  # the shared list builders look states up there; the base module's cases are already fixed
 CASES = [(op, dict(zip(f, v))) for op, (_, f, _) in OPS.items() for v in itertools.product(*f.values())]
@@ -43,6 +49,8 @@ def count_scalars(op, hyper, k, mu_product):
         return dict(bias_correction1=bc1, bias_correction2_sqrt=bc2_sqrt, rect=rect), mu_product
     if op == "adamax_step":
         return dict(bias_correction1=1 - hyper["beta1"] ** k), mu_product
+    if op == "lamb_step":
+        return dict(bias_correction1=1 - hyper["beta1"] ** k, bias_correction2=1 - hyper["beta2"] ** k), mu_product
     return {}, mu_product
 
 
@@ -53,6 +61,8 @@ def run(impl, op, lists, flags, steps, device, step_tensor=False, **extra):
         hyper = dict(OPS[op][2], **flags, l1=0.0)
         scalars, mu_product = count_scalars(op, hyper, k, mu_product)
         hyper.update(scalars, **extra)
+        if op == "lamb_step":  # the global norm of the (scaled) gradients, as LAMB passes it
+            hyper["grad_norm"] = torch.linalg.vector_norm(torch.stack([g.norm() for g in lists["grads"]])).reshape(1)
         if step_tensor and op != "lion_step":
             hyper["step"] = torch.tensor(float(k), device=device)
             for key in scalars:  # deliberately wrong: the step tensor must override them
@@ -143,6 +153,18 @@ def test_opcheck():
         args = [lists["params"], lists["grads"]] + [lists[n] for n in OPS[op][0]] + [lists["masters"], lists["masks"]]
         torch.library.opcheck(getattr(torch.ops.nnopt, f"{op}_"), tuple(args), hyper,
                               test_utils=("test_schema", "test_faketensor"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS + ["torch"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_l2_norms(backend, device, dtype):
+    skip_unless_available(backend, device)
+    impl = backends.implementation("fused_optim", backend)
+    ts = [torch.randn(s, device=device).to(dtype) for s in SIZES + [(0,), (40000,)]]
+    got = impl.l2_norms(ts)
+    want = torch.stack([t.double().norm() for t in ts]).float()
+    assert got.dtype == torch.float32 and got.shape == (len(ts),)
+    assert_close(got, want, torch.float32, reduction_length=40000)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -14,6 +14,8 @@ from tests.conftest import skip_unless_available
 from tests.optim.test_optimizers import STEPS, assert_same_state, clone_params, make_params, set_grads
 
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads only add contention
+
 class PaperLion(torch.optim.Optimizer):
     """Lion as Algorithm 2 of Chen et al. 2023 states it (decoupled weight decay scaled by lr), in plain torch."""
 
@@ -317,3 +319,180 @@ def test_matches_torch_on_cuda(name, kwargs, backend):
     ours, ref = getattr(nno, name)(ps, backend=backend, **kwargs), twin(name, qs, kwargs)
     run_pair(ours, ref, ps, qs)
     assert_same_state(ours, ref, ps, qs)
+
+
+# -- Muon: torch.optim.Muon's math with the Newton–Schulz chain batched per shape ---------------------------------
+
+MUON_CONFIGS = [
+    dict(lr=0.02),
+    dict(lr=0.02, nesterov=False, weight_decay=0.0, adjust_lr_fn="match_rms_adamw"),
+    dict(lr=0.02, momentum=0.8, ns_steps=3, eps=1e-5, adjust_lr_fn="original", ns_coefficients=(3.0, -3.2, 1.2)),
+]
+
+
+def muon_params(n_each=3):
+    """Equal shapes (batched together), a tall and a wide matrix (NS transposes the tall one), a 1-row matrix."""
+    shapes = [(12, 20)] * n_each + [(20, 12)] * n_each + [(7, 7), (1, 9)]
+    return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+
+
+@pytest.mark.parametrize("kwargs", MUON_CONFIGS)
+def test_muon_matches_torch_exactly(kwargs):
+    """The batched chain runs torch's bf16 ops on each matrix: parameters and buffers equal torch's bit for bit."""
+    ps = muon_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, **kwargs), torch.optim.Muon(qs, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+
+
+def test_muon_batches_newton_schulz_per_shape(monkeypatch):
+    from nnopt.optim import muon
+
+    calls = []
+    real = muon.newton_schulz
+    monkeypatch.setattr(muon, "newton_schulz", lambda u, *a: (calls.append(tuple(u.shape)), real(u, *a))[1])
+    ps = muon_params(n_each=5)
+    opt = nno.Muon(ps)
+    set_grads(ps)
+    opt.step()
+    assert sorted(calls) == sorted([(5, 12, 20), (5, 20, 12), (1, 7, 7), (1, 1, 9)])
+
+
+@pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
+def test_muon_state_dict_round_trip(direction):
+    ps = muon_params()
+    qs = clone_params(ps)
+    make = {"nnopt": nno.Muon, "torch": torch.optim.Muon}
+    first_kind, second_kind = direction.split("_to_")
+    first = make[first_kind](ps, lr=0.02)
+    for _ in range(3):
+        set_grads(ps)
+        first.step()
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    second = make[second_kind](qs, lr=0.02)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    run_pair(first, second, ps, qs)
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+
+
+def test_muon_masks_and_grad_scaler():
+    ps = muon_params()
+    masks = [torch.rand(p.shape) > 0.4 for p in ps]
+    for p, m in zip(ps, masks):
+        sparsity.set_mask(p, m)
+        with torch.no_grad():
+            p.mul_(m)
+    opt = nno.Muon(ps, lr=0.02)
+    for step in range(4):
+        set_grads(ps)
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
+        before = [p.detach().clone() for p in ps]
+        opt.step()
+        if step == 2:
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    for p, m in zip(ps, masks):
+        assert (p[~m] == 0).all() and (opt.state[p]["momentum_buffer"][~m] == 0).all()
+        assert (p[m] != 0).all()
+
+
+def test_muon_bad_arguments_raise_torchs_messages():
+    p = [torch.nn.Parameter(torch.randn(3, 3))]
+    with pytest.raises(ValueError, match="Learning rate should be >= 0 but is: -1.0"):
+        nno.Muon(p, lr=-1.0)
+    with pytest.raises(ValueError, match="momentum should be >= 0 but is: -1"):
+        nno.Muon(p, momentum=-1)
+    with pytest.raises(ValueError, match="weight decay should be >= 0 but is: -1"):
+        nno.Muon(p, weight_decay=-1)
+    with pytest.raises(ValueError, match="Adjust learning rate function bad is not supported"):
+        nno.Muon(p, adjust_lr_fn="bad")
+    with pytest.raises(ValueError, match="Muon only supports 2D parameters"):
+        nno.Muon([torch.nn.Parameter(torch.randn(3))])
+    q = torch.nn.Parameter(torch.randn(3, 3, dtype=torch.complex64))
+    q.grad = torch.randn_like(q)
+    with pytest.raises(RuntimeError, match="Muon does not support complex parameters"):
+        nno.Muon([q]).step()
+
+
+# -- Adafactor: torch.optim.Adafactor's math with the per-tensor reductions batched per shape ---------------------
+
+ADAFACTOR_CONFIGS = [
+    dict(),
+    dict(lr=0.05, weight_decay=0.1, maximize=True, d=1.5, eps=(1e-20, 1e-2), beta2_decay=-0.5),
+    dict(lr=torch.tensor(0.003), eps=(1e-6, 1e-3)),
+]
+
+
+def adafactor_params():
+    """Equal shapes (batched together), a 0-dim and 1-D ones (full variance), 2-D and 3-D ones (factored)."""
+    shapes = [(), (5,), (17,), (5,), (7, 13), (7, 13), (13, 7), (3, 4, 6), (1, 1)]
+    return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+
+
+@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS)
+def test_adafactor_matches_torch(kwargs):
+    ps = adafactor_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Adafactor(ps, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
+def test_adafactor_state_dict_round_trip(direction):
+    ps = adafactor_params()
+    qs = clone_params(ps)
+    make = {"nnopt": nno.Adafactor, "torch": lambda p: torch.optim.Adafactor(p, foreach=False)}
+    first_kind, second_kind = direction.split("_to_")
+    first = make[first_kind](ps)
+    for _ in range(3):
+        set_grads(ps)
+        first.step()
+    with torch.no_grad():
+        for p, q in zip(ps, qs):
+            q.copy_(p)
+    second = make[second_kind](qs)
+    second.load_state_dict(copy.deepcopy(first.state_dict()))
+    run_pair(first, second, ps, qs)
+    ours, theirs = (first, second) if first_kind == "nnopt" else (second, first)
+    p_ours, p_theirs = (ps, qs) if first_kind == "nnopt" else (qs, ps)
+    assert_same_state(ours, theirs, p_ours, p_theirs)
+
+
+def test_adafactor_masks_and_grad_scaler():
+    ps = adafactor_params()[1:]
+    masks = [torch.rand(p.shape) > 0.4 for p in ps]
+    for p, m in zip(ps, masks):
+        sparsity.set_mask(p, m)
+        with torch.no_grad():
+            p.mul_(m)
+    opt = nno.Adafactor(ps, lr=0.05)
+    for step in range(4):
+        set_grads(ps)
+        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
+        before = [p.detach().clone() for p in ps]
+        opt.step()
+        if step == 2:
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+    for p, m in zip(ps, masks):
+        assert (p[~m] == 0).all() and (p[m] != 0).all()
+        if "variance" in opt.state[p]:
+            assert (opt.state[p]["variance"][~m] == 0).all()
+
+
+def test_adafactor_bad_arguments_raise_torchs_messages():
+    p = [torch.nn.Parameter(torch.randn(3, 3))]
+    for kwargs, message in [(dict(lr=-1.0), "Learning rate should be >= 0 but is: -1.0"),
+                            (dict(beta2_decay=0.5), "beta2_decay should be <= 0 but is: 0.5"),
+                            (dict(eps=(-1.0, 1e-3)), "epsilon1 should be >= 0 but is: -1.0"),
+                            (dict(eps=(None, -1.0)), "epsilon2 should be >= 0 but is: -1.0"),
+                            (dict(d=0.5), "Clipping threshold d should be >= 1 but is: 0.5"),
+                            (dict(weight_decay=-1.0), "weight_decay should be >= 0 but is: -1.0"),
+                            (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(")):
+            nno.Adafactor(p, **kwargs)
