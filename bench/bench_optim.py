@@ -3,9 +3,13 @@ against the memory floor (bytes the step must move ÷ copy bandwidth measured in
 
 Models: ``many`` — 1,207 tensors, 16.8M parameters (shapes of a small transformer stack: weights, biases,
 norms, an embedding); ``large`` — the same parameter count in 4 tensors on CPU, ~1.07B parameters in 8 tensors
-on CUDA. Each provider is checked against the reference (nnopt's torch backend) before it is timed.
+on CUDA. Real parameter sets, the parameters of ``transformers`` models built from their configs (on the meta
+device: shapes only): ``tiny`` — a 2-layer GPT-2, 2.1M parameters in 28 tensors; ``llama`` — a Llama-style
+8-layer model, 32.6M in 75 tensors; ``gpt2`` — GPT-2 small, 124.4M in 148 tensors. On the real sets only AdamW
+runs, against torch's foreach and fused modes (what a user of such a model would pick). Each provider is checked
+against the reference (nnopt's torch backend) before it is timed.
 
-    python bench/bench_optim.py [--device cpu|cuda] [--models many,large] [--quick] [--no-record]
+    python bench/bench_optim.py [--device cpu|cuda] [--models many,large,tiny,llama,gpt2] [--quick] [--no-record]
 """
 
 import argparse
@@ -30,7 +34,29 @@ OPTIMIZERS = [
 ]
 
 
+def transformers_shapes(model):
+    """The parameter shapes of a ``transformers`` model built from its config on the meta device (no weights)."""
+    import transformers as t
+
+    if model == "tiny":
+        cls, cfg = t.GPT2LMHeadModel, t.GPT2Config(vocab_size=12000, n_embd=128, n_layer=2, n_head=4,
+                                                   bos_token_id=0, eos_token_id=0)
+    elif model == "gpt2":
+        cls, cfg = t.GPT2LMHeadModel, t.GPT2Config()  # GPT-2 small
+    else:
+        cls, cfg = t.LlamaForCausalLM, t.LlamaConfig(vocab_size=24000, hidden_size=384, intermediate_size=1024,
+                                                     num_hidden_layers=8, num_attention_heads=6,
+                                                     num_key_value_heads=6, tie_word_embeddings=False)
+    with torch.device("meta"):
+        return [tuple(p.shape) for p in cls(cfg).parameters()]
+
+
+REAL_MODELS = ("tiny", "llama", "gpt2")
+
+
 def shapes(model, device, quick):
+    if model in REAL_MODELS:
+        return transformers_shapes(model)
     if model == "many":
         layers, d = (20, 32) if quick else (201, 128)
         per_layer = [(d, 2 * d), (2 * d,), (2 * d, d), (d,), (d,), (d,)]
@@ -57,11 +83,12 @@ def clone(ps):
     return out
 
 
-def providers_for(name, kwargs, has_fused, ps, device, masks=None):
+def providers_for(name, kwargs, has_fused, ps, device, masks=None, forloop=True):
     """{provider label: (step fn, params)} for one optimizer."""
     out = {}
     torch_cls = getattr(torch.optim, name)
-    modes = [("torch for-loop", dict(foreach=False)), ("torch foreach", dict(foreach=True))]
+    modes = [("torch for-loop", dict(foreach=False))] if forloop else []
+    modes.append(("torch foreach", dict(foreach=True)))
     if has_fused:
         modes.append(("torch fused", dict(fused=True)))
     for label, mode in modes:
@@ -111,7 +138,7 @@ def check(provs, ps, name, kwargs, masks):
                 raise AssertionError(f"{label} ({name}) disagrees with the reference after one step")
 
 
-def run(device="cpu", models=("many", "large"), quick=False, record=True, repeats=None):
+def run(device="cpu", models=("many", "large") + REAL_MODELS, quick=False, record=True, repeats=None):
     repeats = repeats or (5 if quick else 15)
     bw = harness.copy_bandwidth(device, nbytes=(64 << 20) if quick else None)
     bw_inplace = harness.inplace_bandwidth(device, nbytes=(64 << 20) if quick else None)
@@ -119,16 +146,25 @@ def run(device="cpu", models=("many", "large"), quick=False, record=True, repeat
           "(read + write)", flush=True)
     sections, summary = [], []
     for model in models:
-        shape_list = shapes(model, device, quick)
+        real = model in REAL_MODELS
+        if real and quick and model != "tiny":
+            continue  # quick mode: the tiny real set only
+        try:
+            shape_list = shapes(model, device, quick)
+        except ImportError:
+            print(f"  {model}: skipped (needs transformers: pip install transformers)", flush=True)
+            continue
         ps = make_params(shape_list, device)
         n = sum(p.numel() for p in ps)
-        cases = [(name, kwargs, nbytes, fused, None) for name, kwargs, nbytes, fused in OPTIMIZERS]
-        masks = [torch.rand(p.shape, device=device) > 0.5 for p in ps]
-        cases.append(("AdamW", dict(lr=1e-3, weight_decay=1e-2), 7 * 4 + 1, True, masks))
+        cases = [(name, kwargs, nbytes, fused, None) for name, kwargs, nbytes, fused in OPTIMIZERS
+                 if not real or name == "AdamW"]
+        if not real:
+            masks = [torch.rand(p.shape, device=device) > 0.5 for p in ps]
+            cases.append(("AdamW", dict(lr=1e-3, weight_decay=1e-2), 7 * 4 + 1, True, masks))
         rows = []
         for name, kwargs, nbytes, fused, mk in cases:
             label = name + (" masked" if mk is not None else "")
-            provs = providers_for(name, kwargs, fused, ps, device, mk)
+            provs = providers_for(name, kwargs, fused, ps, device, mk, forloop=not real)
             check(provs, ps, name, kwargs, mk)
             times = harness.time_providers({k: v[0] for k, v in provs.items()}, device, repeats=repeats)
             floor = n * nbytes / bw
@@ -171,11 +207,15 @@ def run(device="cpu", models=("many", "large"), quick=False, record=True, repeat
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--models", default="many,large")
+    ap.add_argument("--models", default="many,large,tiny,llama,gpt2")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--repeats", type=int, default=None)
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="intra-op threads (1: no thread-pool wake-ups, which a busy machine makes costly)")
     a = ap.parse_args(argv)
+    if a.threads:
+        torch.set_num_threads(a.threads)
     run(a.device, tuple(a.models.split(",")), a.quick, not a.no_record, a.repeats)
 
 

@@ -25,6 +25,7 @@ arguments (``_hyper``). Everything else is here, once:
   (``nnopt.distributed.shard_masks``). Plain parameters pay one type check per tensor when a plan is built.
 """
 
+import itertools
 import math
 import operator
 import sys
@@ -236,6 +237,10 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
+        if torch.compiler.is_compiling() and not any(p.is_complex() for g in self.param_groups for p in g["params"]):
+            for group in self.param_groups:
+                self._traced_step(group, grad_scale, found_inf)
+            return loss
         if not hasattr(self, "_plans"):
             self._plans = {}
         # Validate every group before updating any: a bad input leaves nothing half-updated.
@@ -254,6 +259,101 @@ class FusedOptimizer(torch.optim.Optimizer):
                 self._run(group, plan, grads, grad_scale, found_inf)
         return loss
 
+    # -- under torch.compile --------------------------------------------------------------------------------
+    # Dynamo runs a method named ``_init_group`` eagerly at trace time (as for torch.optim's optimizers): it
+    # validates, creates state and buckets the parameters, filling the empty lists it is given; dynamo then guards
+    # on what it read (parameters, gradients present, state tensors) and the traced code below only launches. So
+    # a compiled step traces once, without a graph break, and runs no plan check: the guards are the check.
+    # Step counts are read by the kernels (the ``step=`` tensor), never on the host. (SGD's first momentum step,
+    # which creates the buffers, compiles a second, steady graph; sparse gradients and DTensors take the eager
+    # path; so do complex parameters, whose real views AOT's functionalisation does not rebuild.)
+
+    def _init_group(self, group, params, grads, s0, s1, s2, masters, masks, steps):
+        """Fills the lists with ``group``'s parameters that have gradients, bucket by bucket; returns the buckets
+        as constants: (start, end, device, backend, extra, whether masks and masters are given, indices that need
+        a layout)."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        ps = group["params"]
+        if len(set(map(id, ps))) != len(ps):
+            raise ValueError(f"{type(self).__name__}: param group {gi} holds the same parameter twice")
+        idx = [i for i, p in enumerate(ps) if p.grad is not None]
+        for i in idx:
+            self._validate(gi, i, ps[i], ps[i].grad)
+            if ps[i].grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__}: sparse gradients are not supported under torch.compile")
+            self._ensure_state(ps[i], group)
+        buckets = {}
+        for i in idx:
+            p, st = ps[i], self.state.get(ps[i], {})
+            count = float(st["step"]) if "step" in st else 0.0  # trace time: bucket members share their count
+            key = (p.device, p.dtype, count, sparsity.get_mask(p) is not None, "master_param" in st,
+                   self._bucket_extra(group, st))
+            buckets.setdefault(key, []).append(i)
+        names = self._state_lists(group)
+        out = []
+        for (device, _, _, masked, has_master, extra), members in buckets.items():
+            start = len(params)
+            special = []
+            for i in members:
+                p, st = ps[i], self.state[ps[i]] if ps[i] in self.state else {}
+                tensors = [p] + [st[n] for n in names if n in st] + ([st["master_param"]] if has_master else [])
+                if p.is_complex() or not all(t.is_contiguous() for t in tensors + [p.grad]):
+                    special.append(len(params) - start)
+                params.append(p)
+                grads.append(p.grad)
+                for lst, n in zip((s0, s1, s2), names):
+                    if n is not None and n in st:  # (else created by _prepare in the traced step)
+                        lst.append(st[n])
+                if has_master:
+                    masters.append(st["master_param"])
+                if masked:
+                    masks.append(sparsity.get_mask(p))
+                if self._has_step:
+                    steps.append(st["step"])
+            backend = backends.resolve(FAMILY, group["backend"], device)
+            out.append((start, len(params), str(device), backend, extra, masked, has_master, tuple(special)))
+        return tuple(out)
+
+    def _traced_step(self, group, grad_scale, found_inf):
+        params, grads, s0, s1, s2, masters, masks, steps = [], [], [], [], [], [], [], []
+        buckets = self._init_group(group, params, grads, s0, s1, s2, masters, masks, steps)
+        names = self._state_lists(group)
+        if steps:
+            torch._foreach_add_(steps, 1)
+            if found_inf is not None:
+                torch._foreach_sub_(steps, [found_inf.to(steps[0].device)] * len(steps))
+        for start, end, device, backend, extra, masked, has_master, special in buckets:
+            lists = {"params": params[start:end], "grads": grads[start:end]}
+            if extra is False:  # SGD's first momentum step creates its buffers in the graph: the next call retraces
+                self._prepare(group, lists["params"], extra)
+            for lst, n in zip((s0, s1, s2), names):
+                if n is not None:
+                    lists[n] = lst[start:end] if extra is not False else [self.state[p][n] for p in lists["params"]]
+            lists["masters"] = masters[start:end] if has_master else []
+            lists["masks"] = masks[start:end] if masked else []
+            writeback = []
+            for j in special:
+                keys = [k for k in lists if lists[k] and k != "grads"]
+                arranged, wb = _layout({k: lists[k][j] for k in keys}, lists["grads"][j])
+                for k in keys + ["grads"]:
+                    lists[k][j] = arranged[k]
+                writeback += wb
+            lr = group["lr"]
+            lr_tensor = lr.detach().reshape(1).to(device=device, dtype=torch.float32) if isinstance(
+                lr, torch.Tensor) else None
+            hyper = self._hyper(group, 1.0, extra)
+            if self._kernel_takes_step:
+                hyper["step"] = steps[start]
+            if backend in ("cpu", "cuda"):  # the registered op (its fake kernel traces it)
+                kernel = getattr(torch.ops.nnopt, self._op + "_")
+            else:
+                kernel = getattr(backends.implementation(FAMILY, backend), self._op)
+            args = [lists["params"], lists["grads"]] + [lists[n] if n is not None else [] for n in names]
+            kernel(*args, lists["masters"], lists["masks"], lr=0.0 if lr_tensor is not None else lr, l1=group["l1"],
+                   lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+            for dst, src in writeback:
+                dst.copy_(src)
+
     def _lr(self, group, device):
         lr = group["lr"]
         if isinstance(lr, torch.Tensor):
@@ -267,12 +367,13 @@ class FusedOptimizer(torch.optim.Optimizer):
         and state tensors, their masks, and the kernel's configuration. With ``dtensor`` (the DTensor class, for
         plans holding DTensors) also the local tensors of the DTensors: FSDP2 may give a sharded parameter a new
         local tensor (``reset_sharded_param``) while the DTensor object stays."""
-        params = [p for p, h in zip(group["params"], has) if h]
-        states = [self.state.get(p) for p in params]
-        keys = [n for n in self._state_lists(group) if n is not None] + ["master_param", "step"]
-        tensors = [st.get(k) if st is not None else None for st in states for k in keys]
+        params = list(itertools.compress(group["params"], has))
+        states = list(map(self.state.get, params))
+        names = tuple(self._state_lists(group))
+        keys = [n for n in names if n is not None] + ["master_param", "step"]
+        tensors = [st.get(k) for st in states if st is not None for k in keys]  # (states fixes the alignment)
         masks = [getattr(p, sparsity._ATTR, None) for p in params]
-        config = (tuple(self._state_lists(group)), group["master_weights"], group["l1"] != 0)
+        config = (names, group["master_weights"], group["l1"] != 0)
         objs = params + states + tensors + masks
         if dtensor is not None:
             objs += [t.to_local() for t in params + tensors + masks if isinstance(t, dtensor)]
@@ -321,21 +422,24 @@ class FusedOptimizer(torch.optim.Optimizer):
         if p.is_complex() and (sparsity.get_mask(p) is not None or self.param_groups[gi]["l1"] != 0):
             raise ValueError(f"{name}: {where} is complex; masks and l1 need real parameters")
 
+    def _ensure_state(self, p, group):
+        """Creates what ``p``'s state lacks (and its fp32 master); no empty entry for a parameter without state
+        (momentum-free SGD), as in torch."""
+        state = self.state.get(p, {})
+        self._init_state(p, group, state)
+        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
+            state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
+        if state:
+            self.state[p] = state
+
     def _build_plan(self, gi, group, grads, has):
         self._plans.pop(id(group), None)
         idx = [i for i, h in enumerate(has) if h]
         if not idx:
             return None
         params = group["params"]
-        master = group["master_weights"]
         for i in idx:
-            p = params[i]
-            state = self.state.get(p, {})  # no empty entry for a parameter without state (momentum-free SGD)
-            self._init_state(p, group, state)
-            if master and p.dtype in (torch.float16, torch.bfloat16) and "master_param" not in state:
-                state["master_param"] = p.detach().to(torch.float32).clone(memory_format=torch.preserve_format)
-            if state:
-                self.state[p] = state
+            self._ensure_state(params[i], group)
         sparse = [i for i in idx if grads[i].is_sparse]
         dense = [i for i in idx if not grads[i].is_sparse]
         # (device holding the counts, whether the kernels read them there) -> [storage, counts read now, indices]
@@ -420,7 +524,7 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _launch(self, group, plan, b, grads, grad_scale, found_inf):
         lists = b.lists
-        gs = [grads[i] for i in b.idx]
+        gs = b.take(grads)
         if b.local_grads is not None:
             gs = [_local(g, b.local_grads) for g in gs]
         writeback = []
@@ -433,7 +537,9 @@ class FusedOptimizer(torch.optim.Optimizer):
                     lists[k][j] = arranged[k]
                 gs[j] = arranged["grads"]
                 writeback += wb
-        lists = dict(lists, grads=[g if g.is_contiguous() else g.contiguous() for g in gs])
+        if not all(map(torch.Tensor.is_contiguous, gs)):
+            gs = [g.contiguous() for g in gs]
+        lists = dict(lists, grads=gs)
         count, on_device = b.count if b.count is not None else (None, False)
         step = float(count) if count is not None and not on_device else 1.0  # 1.0: the kernel reads the count
         lr, lr_tensor = self._lr(group, b.device)
@@ -441,14 +547,17 @@ class FusedOptimizer(torch.optim.Optimizer):
             grad_scale = grad_scale.to(b.device, non_blocking=True)
         if found_inf is not None and found_inf.device != b.device:
             found_inf = found_inf.to(b.device, non_blocking=True)
-        impl = backends.implementation(FAMILY, backends.resolve(FAMILY, group["backend"], b.device))
+        requested = backends.requested(group["backend"])
+        if b.kernel is None or b.kernel[0] != requested:  # resolved once per bucket while the request holds
+            impl = backends.implementation(FAMILY, backends.resolve(FAMILY, requested, b.device))
+            b.kernel = (requested, getattr(impl, self._op))
         args = [lists["params"], lists["grads"]] + [lists[n] if n is not None else [] for n in b.names]
         args += [lists["masters"], lists["masks"]]
         hyper = self._hyper(group, step, b.extra)
         if on_device and self._kernel_takes_step:
             hyper["step"] = count
-        getattr(impl, self._op)(*args, lr=lr, l1=float(group["l1"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
-                                found_inf=found_inf, **hyper)
+        b.kernel[1](*args, lr=lr, l1=float(group["l1"]), lr_tensor=lr_tensor, grad_scale=grad_scale,
+                    found_inf=found_inf, **hyper)
         for dst, src in writeback:
             dst.copy_(src)
 
@@ -481,14 +590,12 @@ def _check_state_sharding(name, key, p, t, dtensor):
 
 
 def _dense_flat(t):
-    """A 1-D view of ``t`` in memory order when its elements tile its storage span exactly, else None."""
+    """A 1-D view of ``t`` in memory order when its elements tile its storage span exactly, else None. (Dims
+    ordered by stride, then a view: no storage offsets, so dynamo traces it too.)"""
     if t.dim() == 0:
         return t.reshape(1)
-    span = 1 + sum((s - 1) * st for s, st in zip(t.shape, t.stride()) if s > 0)
-    if span != t.numel() or len(set(st for s, st in zip(t.shape, t.stride()) if s > 1)) != sum(
-            1 for s in t.shape if s > 1):
-        return None
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    v = t.permute(sorted(range(t.dim()), key=lambda d: -t.stride(d)))
+    return v.view(-1) if v.is_contiguous() else None
 
 
 def _layout(tensors, grad):
@@ -538,6 +645,8 @@ class _Bucket:
         self.device, self.extra, self.idx, self.count = device, extra, idx, count
         self.lists, self.names, self.special = lists, names, special
         self.local_grads = local_grads  # the DTensor class when the kernel takes the gradients' local shards
+        self.take = lambda grads, idx=tuple(idx): list(map(grads.__getitem__, idx))  # this bucket's gradients
+        self.kernel = None  # (the backend requested, its function), set by the first launch
 
 
 def bias_corrections(beta1, beta2, step):
