@@ -128,11 +128,11 @@ def _quant_step(op, params, grads, states, scales, masters, masks, *, bits, bloc
     f = [int(bool(hyper[k])) for k in bools]
     device = params[0].device if params else torch.device("cpu")
     if bits in (8, 4):
-        qmap, mids, starts = quant_optim.tables(bits, device)
+        qmap, mids = quant_optim.tables(bits, device)
     else:
-        qmap = mids = starts = torch.empty(0, device=device)
+        qmap = mids = torch.empty(0, device=device)
     st = list(states) + [[]] * (3 - len(states))
     sc = list(scales) + [[]] * (3 - len(scales)) if bits in (8, 4) else [[], [], []]
     torch.ops.nnopt.quant_step_(op, params, grads, st[0], st[1], st[2], sc[0], sc[1], sc[2], masters, masks, qmap,
-                                mids, starts.to(torch.int32), bits=bits, block_size=block_size, hyper=h, flags=f,
+                                mids, bits=bits, block_size=block_size, hyper=h, flags=f,
                                 seed=seed, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, step=step)

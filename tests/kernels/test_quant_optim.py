@@ -168,11 +168,11 @@ def test_quantizer(bits, signed):
 
 def test_opcheck():
     skip_unless_available("cpu", "cpu", FAMILY)
-    qmap, mids, starts = R.tables(8, "cpu")
+    qmap, mids = R.tables(8, "cpu")
     n = 300
     states, scales = make_states("adam_step", n, 8, 256)
     args = ("adam_step", [torch.randn(n)], [torch.randn(n)], states[0], states[1], [], scales[0], scales[1], [],
-            [], [], qmap, mids, starts)
+            [], [], qmap, mids)
     kwargs = dict(bits=8, block_size=256, hyper=[1e-3, 0.9, 0.999, 1e-8, 0.0, 0.0, 0.1, 0.03], flags=[1, 0, 0],
                   seed=-1)
     torch.library.opcheck(torch.ops.nnopt.quant_step_, args, kwargs)
