@@ -175,6 +175,10 @@ class QuantStates:
 
     # -- plan building ------------------------------------------------------------------------------------
 
+    def _fingerprint(self, group, has, dtensor=None):
+        objs, config = super()._fingerprint(group, has, dtensor)
+        return objs, config + tuple(group[k] for k in _KEYS)  # a changed state_bits rebuilds the plan
+
     def _build_plan(self, gi, group, grads, has):
         self._fresh = set()
         for i, (p, h) in enumerate(zip(group["params"], has)):

@@ -197,8 +197,11 @@ def test_changing_state_bits_converts():
         big = qs[0]
         assert other.state[big]["exp_avg"].dtype == dtype
         assert ("exp_avg_absmax" in other.state[big]) == (bits == 4)
-        assert_close(dequantized(other, big, "exp_avg", True), dequantized(opt, ps[0], "exp_avg", True),
-                     torch.bfloat16 if bits != 4 else torch.float16, msg=str(bits))
+        got, want = dequantized(other, big, "exp_avg", True), dequantized(opt, ps[0], "exp_avg", True)
+        if bits == 4:  # within the 4-bit storage error (half the signed map's largest gap, times the absmax)
+            assert (got - want).abs().max() <= 0.1125 * want.abs().max() * 1.0001
+        else:
+            assert_close(got, want, torch.bfloat16)
         grads(qs)
         other.step()
     # A group's state_bits changed during training: the next step converts its states.
@@ -325,6 +328,6 @@ def test_transformers_gpt2_and_scheduler():
             m(input_ids=ids, labels=ids).loss.backward()
             o.step()
             s.step()
-    la, lb = (float(m(input_ids=ids, labels=ids).loss) for m in (a, b))
+    la, lb = (float(m(input_ids=ids, labels=ids).loss.detach()) for m in (a, b))
     assert abs(la - lb) < 0.02 * lb
     assert any(st["exp_avg"].dtype == torch.uint8 for st in oa.state.values())
