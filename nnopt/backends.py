@@ -25,13 +25,11 @@ AUTO_ORDER = {
     "select": {"cpu": ("cpu", "torch"), "cuda": ("cuda", "triton", "torch")},
     "masked_linear": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "distill_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
-    "quant_optim": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    "quant_optim": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
 }
 
 # Families whose GPU kernels are Triton only (cuBLAS-class dense tiles are Triton's strength).
 _NO_CUDA_KERNELS = {"masked_linear", "distill_loss", "quant_optim"}
-# Families without Triton kernels yet.
-_NO_TRITON_KERNELS = {"quant_optim"}
 
 _current = contextvars.ContextVar("nnopt_backend", default=None)
 
@@ -108,8 +106,6 @@ def missing(backend, device="cpu", family="fused_optim"):
             return "nnopt._C was built without CUDA kernels (torch without CUDA, or no nvcc at build time)"
         return None
     if backend == "triton":
-        if family in _NO_TRITON_KERNELS:
-            return f"the {family} family has no Triton kernels yet; its backends are 'cpu' and 'torch'"
         why = triton_missing()
         if why is not None:
             return why
