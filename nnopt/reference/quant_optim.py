@@ -33,7 +33,6 @@ exact value, G the map's largest gap: 8 bits 0.0141 signed / 0.0070 unsigned).
 
 import torch
 
-from nnopt.kernels import _qmaps  # the maps themselves (plain torch; shared with the Triton kernels)
 from nnopt.reference import fused_optim as _fused
 
 # Which state lists of each fused_optim op hold signed values (momentum-like) or unsigned ones (squares).
@@ -48,11 +47,15 @@ DEFAULT_BLOCK = {8: 256, 4: 128}
 
 def dynamic_map(signed, bits):
     """bitsandbytes' create_dynamic_map(signed, max_exponent_bits, total_bits): 2^bits float32 values in [-1, 1]."""
+    from nnopt.kernels import _qmaps  # plain torch, shared with the Triton kernels (imported on use: lean import)
+
     return _qmaps.dynamic_map(signed, bits)
 
 
 def tables(bits, device):
     """The maps and midpoints for ``bits`` (8 or 4) on ``device``: what every kernel reads."""
+    from nnopt.kernels import _qmaps
+
     return tuple(t.to(device) for t in _qmaps.tables(bits))
 
 

@@ -58,15 +58,15 @@ def clone(lists):
     return [[t.clone() for t in lst] for lst in lists]
 
 
-def run_both(backend, op, n, bits, dtype, masked, master, seed=-1, **extra):
+def run_both(backend, op, n, bits, dtype, masked, master, seed=-1, device="cpu", **extra):
     block = 32 if n < 300 else R.DEFAULT_BLOCK.get(bits, 256)
-    p = torch.randn(n, dtype=dtype)
-    g = torch.randn(n, dtype=dtype)
+    p = torch.randn(n, dtype=dtype, device=device)
+    g = torch.randn(n, dtype=dtype, device=device)
     masters = [p.float()] if master else []
-    masks = [torch.rand(n) > 0.3] if masked else []
+    masks = [torch.rand(n, device=device) > 0.3] if masked else []
     if masked:
         p = p.masked_fill(~masks[0], 0)
-    states, scales = make_states(op, n, bits, block)
+    states, scales = make_states(op, n, bits, block, device)
     got = (p.clone(), clone(states), clone(scales), [m.clone() for m in masters])
     hyper = dict(OPS[op], **extra)
     R.quant_step(op, [p], [g], states, scales, masters, masks, bits=bits, block_size=block, seed=seed, **hyper)
@@ -110,6 +110,23 @@ def test_matches_reference(backend, op, bits):
             # codes always agree; parameters bit for bit where no sqrt is involved (SGD): torch's sqrt may differ
             # from ours by 1 ulp.
             check_same(ref, got, exact_params=(op == "sgd_step" and backend == "cpu"))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+@pytest.mark.parametrize("op", list(OPS))
+@pytest.mark.parametrize("bits", [8, 4, 16, 32])
+def test_matches_reference_gpu(backend, op, bits):
+    """On CUDA tensors: codes identical to the reference's (computed on the same device), parameters within
+    tolerance, masked entries 0; stochastic rounding bit-identical (its stream is integer arithmetic)."""
+    skip_unless_available(backend, "cuda", FAMILY)
+    for n in SIZES + [278011]:
+        for dtype, masked, master in ((torch.float32, False, False), (torch.bfloat16, True, False),
+                                      (torch.float16, False, True)):
+            ref, got = run_both(backend, op, n, bits, dtype, masked, master, device="cuda")
+            check_same(ref, got, exact_params=False)
+    ref, got = run_both(backend, "adam_step", 4096, 8, torch.bfloat16, False, False, seed=99, device="cuda")
+    assert torch.equal(ref[0], got[0])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
