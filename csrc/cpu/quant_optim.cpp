@@ -220,7 +220,8 @@ inline __m512 lookup(const float* table, __m512i idx) {
     __m512 r = _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
     const __m512i hi = _mm512_srli_epi32(idx, 5);
     for (int k = 1; k < N / 32; ++k) {
-      const __m512 t = _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), idx, _mm512_loadu_ps(table + 32 * k + 16));
+      const __m512 t =
+          _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), idx, _mm512_loadu_ps(table + 32 * k + 16));
       r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(hi, _mm512_set1_epi32(k)), t);
     }
     return r;

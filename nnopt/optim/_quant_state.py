@@ -22,7 +22,7 @@ import warnings
 import torch
 
 from nnopt import backends, sparsity
-from nnopt.optim._fused import _dtensor_type, _Bucket
+from nnopt.optim._fused import _Bucket, _dtensor_type
 from nnopt.reference import quant_optim as qref
 
 FAMILY = "quant_optim"

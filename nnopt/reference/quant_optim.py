@@ -76,7 +76,7 @@ def codes_numel(numel, bits):
 def quantize(x, bits, block_size, signed):
     """(codes, absmax) of the float32 values ``x`` (any shape, read in flat order): codes uint8 shaped like x (8
     bits) or [ceil(n/2)] (4 bits); absmax [num_blocks] float32 (8 bits) or bfloat16 (4 bits)."""
-    qmap, mids = tables(bits, x.device)
+    _, mids = tables(bits, x.device)
     row = 0 if signed else 1
     n = x.numel()
     nb = num_blocks(n, block_size)

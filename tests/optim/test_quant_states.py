@@ -215,7 +215,8 @@ def test_changing_state_bits_converts():
 def test_bad_input():
     ps = params()
     for kw, what in ((dict(state_bits=6), "state_bits"), (dict(state_bits=True), "state_bits"),
-                     (dict(state_bits=8, block_size=48), "block_size"), (dict(state_bits=8, block_size=16), "block_size"),
+                     (dict(state_bits=8, block_size=48), "block_size"),
+                     (dict(state_bits=8, block_size=16), "block_size"),
                      (dict(min_quant_size=-1), "min_quant_size"), (dict(stochastic_rounding=1), "stochastic_rounding")):
         with pytest.raises(ValueError, match=what):
             nno.AdamW(ps, **kw)
