@@ -332,3 +332,24 @@ def test_transformers_gpt2_and_scheduler():
     la, lb = (float(m(input_ids=ids, labels=ids).loss.detach()) for m in (a, b))
     assert abs(la - lb) < 0.02 * lb
     assert any(st["exp_avg"].dtype == torch.uint8 for st in oa.state.values())
+
+
+def test_torch_compile_around_the_training_step():
+    """torch.compile (aot_eager) around forward, backward and an 8-bit AdamW step gives eager's results exactly."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 64))
+    twin_model = copy.deepcopy(model)
+    opts = [nno.AdamW8bit(m.parameters(), lr=1e-2, min_quant_size=0) for m in (model, twin_model)]
+    x = torch.randn(32, 64)
+
+    def step(m, opt):
+        loss = m(x).square().mean()
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        return loss.detach()
+
+    compiled = torch.compile(step, backend="aot_eager")
+    for _ in range(3):
+        assert torch.equal(compiled(model, opts[0]), step(twin_model, opts[1]))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), twin_model.parameters()))
