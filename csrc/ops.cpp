@@ -131,6 +131,19 @@ TORCH_LIBRARY(nnopt, m) {
   // column's error e = (w - q) / u_ii to err and subtracts e * u[i, i+1:] from the later columns; w ends pruned.
   // u [count, count] (w's dtype), pruned bool, err like w; all contiguous, float32 or float64.
   m.def("sparsegpt_block_(Tensor(a!) w, Tensor u, Tensor(b!) pruned, Tensor(c!) err, int n, int m) -> ()");
+  // Optimizer steps with low-precision states (family: quant_optim; formats, quantizer and oracle:
+  // nnopt/reference/quant_optim.py). `op` names the fused_optim step whose element update runs (sgd_step,
+  // adam_step, adagrad_step, rmsprop_step); states<k>/scales<k> are its state slots in argument order (codes and
+  // absmax per block for bits 8/4; float32/bfloat16 values for 32/16, scales empty), empty when the flags do not
+  // use the slot. hyper/flags: the fused op's float/bool arguments in its schema order (lr first; l1 included;
+  // grad_scale, found_inf, lr_tensor, step as there). qmap/mids: the quantizer's maps and midpoints on the
+  // params' device (empty for bits 32/16). seed >= 0: bf16 parameters without masters are rounded stochastically.
+  m.def(
+      "quant_step_(str op, Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] states0, Tensor(c!)[] states1, "
+      "Tensor(d!)[] states2, Tensor(e!)[] scales0, Tensor(f!)[] scales1, Tensor(g!)[] scales2, "
+      "Tensor(h!)[] masters, Tensor[] masks, Tensor qmap, Tensor mids, *, int bits, int block_size, "
+      "float[] hyper, int[] flags, int seed=-1, Tensor? lr_tensor=None, Tensor? grad_scale=None, "
+      "Tensor? found_inf=None, Tensor? step=None) -> ()");
 }
 
 // `import nnopt._C` loads the library, which runs the registrations above; the module itself is empty.

@@ -17,9 +17,10 @@ OPS = {
                       "masked_linear_packed"),
     "distill_loss": ("distill_loss_fwd",),
     "oneshot": ("sparsegpt_block",),
+    "quant_optim": ("quant_step",),
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
-_INPLACE = {"fused_optim", "select", "oneshot"}
+_INPLACE = {"fused_optim", "select", "oneshot", "quant_optim"}
 _FUNCTIONAL = {"l2_norms"}  # ops of an in-place family that return a new tensor
 
 
@@ -58,6 +59,7 @@ def _register_fakes():
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
     # SparseGPT's column-block update works in place on its w, pruned and err arguments.
     torch.library.register_fake("nnopt::sparsegpt_block_")(_noop)
+    torch.library.register_fake("nnopt::quant_step_")(_noop)
     # The masked linear products allocate their results: the fakes give shape, dtype and device.
     torch.library.register_fake("nnopt::masked_linear")(
         lambda x, weight, mask, bias, row_ptr, col_idx, full, block_n, block_k: x.new_empty(
@@ -96,6 +98,8 @@ def namespace(family):
     """The family's functions, with the same names and signatures as nnopt.reference.<family>, calling nnopt._C."""
     if family == "masked_linear":
         return _masked_linear_namespace()
+    if family == "quant_optim":
+        return types.SimpleNamespace(quant_step=_quant_step)
     ops = {}
     for name in OPS[family]:
         ops[name] = getattr(torch.ops.nnopt, f"{name}_" if family in _INPLACE and name not in _FUNCTIONAL else name)
@@ -120,3 +124,34 @@ def _masked_linear_namespace():
 
     return types.SimpleNamespace(masked_linear=masked_linear, masked_linear_dx=masked_linear_dx,
                                  masked_linear_dw=masked_linear_dw)
+
+
+# The float and bool arguments of each fused_optim step, in the order nnopt::quant_step_ takes them.
+_QUANT_ARGS = {
+    "adam_step": (("lr", "beta1", "beta2", "eps", "weight_decay", "l1", "bias_correction1", "bias_correction2_sqrt"),
+                  ("decoupled", "amsgrad", "maximize")),
+    "sgd_step": (("lr", "momentum", "dampening", "weight_decay", "l1"), ("nesterov", "maximize", "first_step")),
+    "adagrad_step": (("lr", "weight_decay", "eps", "l1", "lr_decay_denom", "lr_decay"), ("maximize",)),
+    "rmsprop_step": (("lr", "alpha", "eps", "weight_decay", "momentum", "l1"), ("centered", "maximize")),
+}
+
+
+def _quant_step(op, params, grads, states, scales, masters, masks, *, bits, block_size, seed=-1, lr_tensor=None,
+                grad_scale=None, found_inf=None, step=None, **hyper):
+    """nnopt.reference.quant_optim.quant_step's signature over nnopt::quant_step_."""
+    from nnopt.reference import quant_optim
+
+    floats, bools = _QUANT_ARGS[op]
+    defaults = {"lr_decay": 0.0}
+    h = [float(hyper.get(k, defaults.get(k))) for k in floats]
+    f = [int(bool(hyper[k])) for k in bools]
+    device = params[0].device if params else torch.device("cpu")
+    if bits in (8, 4):
+        qmap, mids = quant_optim.tables(bits, device)
+    else:
+        qmap = mids = torch.empty(0, device=device)
+    st = list(states) + [[]] * (3 - len(states))
+    sc = list(scales) + [[]] * (3 - len(scales)) if bits in (8, 4) else [[], [], []]
+    torch.ops.nnopt.quant_step_(op, params, grads, st[0], st[1], st[2], sc[0], sc[1], sc[2], masters, masks, qmap,
+                                mids, bits=bits, block_size=block_size, hyper=h, flags=f,
+                                seed=seed, lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, step=step)

@@ -26,6 +26,8 @@ AUTO_ORDER = {
     "masked_linear": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "distill_loss": {"cpu": ("cpu", "torch"), "cuda": ("triton", "torch")},
     "oneshot": {"cpu": ("cpu", "torch"), "cuda": ("torch",)},
+    # quant_optim on CUDA: Triton first (its logic is interpreter-tested here; the .cu is compile-checked only)
+    "quant_optim": {"cpu": ("cpu", "torch"), "cuda": ("triton", "cuda", "torch")},
 }
 
 # Families whose GPU kernels are Triton only (cuBLAS-class dense tiles are Triton's strength).

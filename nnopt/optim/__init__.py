@@ -1,6 +1,8 @@
 """Fused drop-in replacements for torch.optim: SGD, Adam, AdamW, Adagrad, RMSprop, NAdam, RAdam, Adamax, Adafactor,
-Muon; Lion and LAMB."""
+Muon; Lion and LAMB. The first five also keep 16/8/4-bit states (``state_bits=``; aliases Adam8bit, AdamW8bit,
+AdamW4bit)."""
 
+from nnopt.optim._quant_state import dequantized_state_dict
 from nnopt.optim.adafactor import Adafactor
 from nnopt.optim.adagrad import Adagrad
 from nnopt.optim.adam import Adam, AdamW
@@ -9,8 +11,10 @@ from nnopt.optim.lamb import LAMB
 from nnopt.optim.lion import Lion
 from nnopt.optim.muon import Muon
 from nnopt.optim.nadam import NAdam
+from nnopt.optim.quantized import Adam8bit, AdamW4bit, AdamW8bit
 from nnopt.optim.radam import RAdam
 from nnopt.optim.rmsprop import RMSprop
 from nnopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion", "LAMB", "Muon", "Adafactor"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion", "LAMB", "Muon",
+           "Adafactor", "Adam8bit", "AdamW8bit", "AdamW4bit", "dequantized_state_dict"]

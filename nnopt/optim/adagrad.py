@@ -3,9 +3,10 @@
 import torch
 
 from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
+from nnopt.optim._quant_state import QuantStates
 
 
-class Adagrad(FusedOptimizer):
+class Adagrad(QuantStates, FusedOptimizer):
     """Adagrad with lr_decay, weight decay, initial accumulator value and maximize, as ``torch.optim.Adagrad``.
 
     Extra arguments: ``backend=``, ``master_weights=``, ``l1=``. State per parameter: ``step``, ``sum``.
@@ -17,7 +18,7 @@ class Adagrad(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, lr_decay=0, weight_decay=0, initial_accumulator_value=0, eps=1e-10,
                  foreach=None, *, maximize=False, differentiable=False, fused=None, backend=None,
-                 master_weights=False, l1=0.0):
+                 master_weights=False, l1=0.0, **quant):
         check_lr(lr)
         check_nonneg(lr_decay, "lr_decay value")
         check_nonneg(weight_decay, "weight_decay value")
@@ -26,7 +27,7 @@ class Adagrad(FusedOptimizer):
         defaults = dict(lr=lr, lr_decay=lr_decay, eps=eps, weight_decay=weight_decay,
                         initial_accumulator_value=initial_accumulator_value, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
-                         differentiable=differentiable)
+                         differentiable=differentiable, **quant)
         for group in self.param_groups:  # as torch.optim.Adagrad: state from the start, for every parameter
             for p in group["params"]:
                 self._init_state(p, group, self.state[p])

@@ -3,9 +3,10 @@
 import torch
 
 from nnopt.optim._fused import FusedOptimizer, _as_float, bias_corrections, check_betas, check_lr, check_nonneg
+from nnopt.optim._quant_state import QuantStates
 
 
-class Adam(FusedOptimizer):
+class Adam(QuantStates, FusedOptimizer):
     """Adam (and, with ``decoupled_weight_decay=True``, AdamW), as ``torch.optim.Adam``.
 
     Extra arguments: ``backend=``, ``master_weights=`` (fp32 master copies of bf16/fp16 parameters; states
@@ -18,7 +19,7 @@ class Adam(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,
                  foreach=None, maximize=False, capturable=False, differentiable=False, fused=None,
-                 decoupled_weight_decay=False, backend=None, master_weights=False, l1=0.0):
+                 decoupled_weight_decay=False, backend=None, master_weights=False, l1=0.0, **quant):
         check_lr(lr, foreach, capturable, tensor_with_foreach=False)
         check_nonneg(eps, "epsilon value")
         check_nonneg(weight_decay, "weight_decay value")
@@ -26,7 +27,7 @@ class Adam(FusedOptimizer):
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, amsgrad=amsgrad,
                         maximize=maximize, decoupled_weight_decay=decoupled_weight_decay)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
-                         differentiable=differentiable, capturable=capturable)
+                         differentiable=differentiable, capturable=capturable, **quant)
 
     def _group_defaults(self):
         return dict(super()._group_defaults(), amsgrad=False, decoupled_weight_decay=False)
@@ -55,10 +56,11 @@ class AdamW(Adam):
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, amsgrad=False, *,
                  maximize=False, foreach=None, capturable=False, differentiable=False, fused=None, backend=None,
-                 master_weights=False, l1=0.0):
+                 master_weights=False, l1=0.0, **quant):
         super().__init__(params, lr, betas, eps, weight_decay, amsgrad, foreach=foreach, maximize=maximize,
                          capturable=capturable, differentiable=differentiable, fused=fused,
-                         decoupled_weight_decay=True, backend=backend, master_weights=master_weights, l1=l1)
+                         decoupled_weight_decay=True, backend=backend, master_weights=master_weights, l1=l1,
+                         **quant)
 
     def __setstate__(self, state):
         super().__setstate__(state)

@@ -3,9 +3,10 @@
 import torch
 
 from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
+from nnopt.optim._quant_state import QuantStates
 
 
-class RMSprop(FusedOptimizer):
+class RMSprop(QuantStates, FusedOptimizer):
     """RMSprop with alpha, eps, weight decay, momentum, centered and maximize, as ``torch.optim.RMSprop``.
 
     Extra arguments: ``backend=``, ``master_weights=``, ``l1=``. State per parameter, as in torch: ``step``,
@@ -16,7 +17,7 @@ class RMSprop(FusedOptimizer):
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,
-                 master_weights=False, l1=0.0):
+                 master_weights=False, l1=0.0, **quant):
         check_lr(lr)
         check_nonneg(eps, "epsilon value")
         check_nonneg(momentum, "momentum value")
@@ -25,7 +26,7 @@ class RMSprop(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, alpha=alpha, eps=eps, centered=centered,
                         weight_decay=weight_decay, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
-                         differentiable=differentiable, capturable=capturable)
+                         differentiable=differentiable, capturable=capturable, **quant)
 
     def _group_defaults(self):
         return dict(super()._group_defaults(), momentum=0, centered=False)

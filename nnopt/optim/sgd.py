@@ -3,9 +3,10 @@
 import torch
 
 from nnopt.optim._fused import FusedOptimizer, check_lr, check_nonneg
+from nnopt.optim._quant_state import QuantStates
 
 
-class SGD(FusedOptimizer):
+class SGD(QuantStates, FusedOptimizer):
     """Stochastic gradient descent with momentum, dampening, Nesterov, weight decay and maximize.
 
     Same constructor and update as ``torch.optim.SGD``, plus ``backend=`` (triton, cuda, cpu, torch, auto),
@@ -19,7 +20,7 @@ class SGD(FusedOptimizer):
 
     def __init__(self, params, lr=1e-3, momentum=0, dampening=0, weight_decay=0, nesterov=False, *,
                  maximize=False, foreach=None, differentiable=False, fused=None, backend=None,
-                 master_weights=False, l1=0.0):
+                 master_weights=False, l1=0.0, **quant):
         check_lr(lr)
         check_nonneg(momentum, "momentum value")
         check_nonneg(weight_decay, "weight_decay value")
@@ -28,7 +29,7 @@ class SGD(FusedOptimizer):
         defaults = dict(lr=lr, momentum=momentum, dampening=dampening, weight_decay=weight_decay,
                         nesterov=nesterov, maximize=maximize)
         super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1,
-                         differentiable=differentiable)
+                         differentiable=differentiable, **quant)
 
     def _group_defaults(self):
         return dict(super()._group_defaults(), nesterov=False)

@@ -1,0 +1,376 @@
+"""QuantStates: low-precision optimizer states (``state_bits=`` 32/16/8/4) and stochastic rounding for every
+nnopt optimizer, layered over FusedOptimizer.
+
+A parameter takes the quantized path when its group has ``state_bits < 32`` and it is a real float32, bfloat16
+or float16 tensor (not a DTensor) with at least ``min_quant_size`` elements; or when ``stochastic_rounding`` is on
+and it is a bfloat16 parameter without an fp32 master. Its states then live in ``self.state`` as
+
+- 8 / 4 bits: ``state[name]`` uint8 codes (8: shaped like the parameter; 4: [ceil(n/2)], two per byte) and
+  ``state[name + "_absmax"]`` one scale per block (8: float32; 4: bfloat16 rounded up), in the parameter's
+  logical (row-major) element order; formats: nnopt/reference/quant_optim.py;
+- 16 bits: bfloat16 tensors; 32 bits (stochastic rounding only): float32 tensors;
+
+and its step runs the quant_optim family (dequantize -> the fused element update -> requantize, in one pass).
+Every other parameter keeps FusedOptimizer's path and torch.optim's state layout. The format of a state is read
+from its tensors (dtype, sizes), so a state in any other format (a checkpoint with other ``state_bits``, a
+torch.optim checkpoint, a group whose ``state_bits`` changed) is converted to the group's format when loaded or
+when the next plan is built, with a warning naming the formats.
+"""
+
+import warnings
+
+import torch
+
+from nnopt import backends, sparsity
+from nnopt.optim._fused import _Bucket, _dtensor_type
+from nnopt.reference import quant_optim as qref
+
+FAMILY = "quant_optim"
+_BITS = (32, 16, 8, 4)
+_QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_KEYS = ("state_bits", "block_size", "min_quant_size", "stochastic_rounding")
+
+
+def check_quant_args(name, state_bits, block_size, min_quant_size, stochastic_rounding, where=""):
+    """Validates the quantization arguments (raising ValueError that names the optimizer and the argument)."""
+    if isinstance(state_bits, bool) or state_bits not in _BITS:
+        raise ValueError(f"{name}: state_bits{where} must be one of 32, 16, 8, 4, got {state_bits!r}")
+    if block_size is not None:
+        ok = isinstance(block_size, int) and not isinstance(block_size, bool)
+        if not ok or block_size < 32 or block_size > 4096 or block_size & (block_size - 1):
+            raise ValueError(f"{name}: block_size{where} must be a power of two between 32 and 4096, got "
+                             f"{block_size!r}")
+    if isinstance(min_quant_size, bool) or not isinstance(min_quant_size, int) or min_quant_size < 0:
+        raise ValueError(f"{name}: min_quant_size{where} must be a non-negative int, got {min_quant_size!r}")
+    if not isinstance(stochastic_rounding, bool):
+        raise ValueError(f"{name}: stochastic_rounding{where} must be a bool, got {stochastic_rounding!r}")
+
+
+def block_of(group):
+    bits = group["state_bits"]
+    return group["block_size"] or qref.DEFAULT_BLOCK.get(bits, 256)
+
+
+# -- state formats: ("q", bits, block) for codes + scales, ("f", dtype) for plain tensors -------------------
+
+def detect(state, name, numel, where):
+    """The format of ``state[name]`` as stored."""
+    t = state[name]
+    if t.dtype != torch.uint8:
+        return ("f", t.dtype)
+    a = state.get(name + "_absmax")
+    if a is None:
+        raise ValueError(f"{where}: state {name!r} holds uint8 codes but no {name + '_absmax'!r} scales")
+    bits = 8 if a.dtype == torch.float32 else 4
+    nb = a.numel()
+    block = next((b for b in (2**k for k in range(5, 13)) if qref.num_blocks(numel, b) == nb), None)
+    if block is None or t.numel() != qref.codes_numel(numel, bits):
+        raise ValueError(f"{where}: state {name!r} has {t.numel()} codes and {nb} scales, which fit no {bits}-bit "
+                         f"layout of a parameter with {numel} elements")
+    return ("q", bits, block)
+
+
+def describe(fmt):
+    if fmt[0] == "q":
+        return f"{fmt[1]}-bit (block {fmt[2]})"
+    return {torch.bfloat16: "16-bit (bfloat16)", torch.float32: "32-bit"}.get(fmt[1], str(fmt[1]))
+
+
+def read_float(state, name, fmt, p, signed):
+    """float32 [n] values of a state in format ``fmt``."""
+    if fmt[0] == "q":
+        return qref.dequantize(state[name], state[name + "_absmax"], p.numel(), fmt[1], fmt[2], signed)
+    return state[name].detach().reshape(-1).float()
+
+
+def write(state, name, fmt, p, value, signed, contiguous):
+    """Replaces ``state[name]`` (and its scales) by ``value`` (float32 [n]) in format ``fmt``."""
+    if fmt[0] == "q":
+        codes, absmax = qref.quantize(value, fmt[1], fmt[2], signed)
+        state[name] = codes.reshape(p.shape) if fmt[1] == 8 else codes
+        state[name + "_absmax"] = absmax
+        return
+    state.pop(name + "_absmax", None)
+    v = value.to(p.device).view(p.shape)
+    if contiguous:
+        state[name] = v.to(fmt[1]).clone()
+    else:
+        state[name] = torch.empty_like(p, dtype=fmt[1], memory_format=torch.preserve_format).copy_(v)
+
+
+class QuantStates:
+    """Mixin placed before FusedOptimizer: ``class Adam(QuantStates, FusedOptimizer)``.
+
+    Arguments (keyword-only, every optimizer; also per param group): ``state_bits`` (32 default, 16, 8, 4),
+    ``block_size`` (power of two in [32, 4096]; default 256 at 8 bits, 128 at 4), ``min_quant_size`` (default
+    4096: smaller tensors keep 32-bit states, as bitsandbytes), ``stochastic_rounding`` (bf16 parameters without
+    masters are rounded stochastically, reproducibly: the stream is seeded from torch's RNG at construction and
+    advanced each step).
+    """
+
+    def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_size=4096,
+                 stochastic_rounding=False, **kwargs):
+        check_quant_args(type(self).__name__, state_bits, block_size, min_quant_size, stochastic_rounding)
+        defaults = dict(defaults, state_bits=state_bits, block_size=block_size, min_quant_size=min_quant_size,
+                        stochastic_rounding=stochastic_rounding,
+                        sr_seed=int(torch.randint(0, 2**31 - 1, ())) if stochastic_rounding else 0, sr_step=0)
+        super().__init__(params, defaults, **kwargs)
+
+    _NNOPT_KEYS = ("l1", "master_weights", "backend") + _KEYS
+
+    def _group_defaults(self):
+        return dict(super()._group_defaults(), state_bits=32, block_size=None, min_quant_size=4096,
+                    stochastic_rounding=False, sr_seed=0, sr_step=0)
+
+    def add_param_group(self, param_group):
+        name, gi = type(self).__name__, len(self.param_groups)
+        if isinstance(param_group, dict):
+            merged = {k: param_group.get(k, self.defaults.get(k)) for k in _KEYS}
+            if None not in (merged["state_bits"], merged["min_quant_size"], merged["stochastic_rounding"]):
+                check_quant_args(name, *(merged[k] for k in _KEYS), where=f" of param group {gi}")
+        super().add_param_group(param_group)
+
+    # -- which path and format -----------------------------------------------------------------------------
+
+    def _qbits(self, p, group):
+        """The state bits of ``p``'s quantized path, or None when ``p`` takes FusedOptimizer's path."""
+        if p.dtype not in _QUANT_DTYPES or p.is_complex():
+            return None
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(p, dtensor):
+            return None  # sharded states keep FusedOptimizer's path (see the module docstring)
+        bits = group["state_bits"] if p.numel() >= group["min_quant_size"] else 32
+        sr = group["stochastic_rounding"] and p.dtype == torch.bfloat16 and not group["master_weights"]
+        return bits if bits < 32 or sr else None
+
+    def _format(self, p, group):
+        bits = self._qbits(p, group)
+        if bits is None:
+            return ("f", self._state_dtype(p, group))
+        if bits in (8, 4):
+            return ("q", bits, block_of(group))
+        return ("f", torch.bfloat16 if bits == 16 else torch.float32)
+
+    def _slots(self, group):
+        """[(state name, signed)] of the state slots this group's kernel uses."""
+        return [(n, s) for n, s in zip(self._state_lists(group), qref.SIGNED[self._op]) if n is not None]
+
+    def _conform(self, gi, i, group, p, state):
+        """Converts every state of ``p`` (parameter i of group gi) not in its group's format, with a warning."""
+        target = self._format(p, group)
+        on_path = self._qbits(p, group) is not None
+        where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+        for name, signed in self._slots(group):
+            if name not in state:
+                continue
+            fmt = detect(state, name, p.numel(), where)
+            if fmt == target:
+                if on_path and fmt[0] == "f" and not state[name].is_contiguous():
+                    state[name] = state[name].contiguous()
+                continue
+            warnings.warn(f"{where}: converting state {name!r} from {describe(fmt)} to {describe(target)} states "
+                          f"(the group has state_bits={group['state_bits']})", stacklevel=3)
+            value = read_float(state, name, fmt, p, signed)
+            write(state, name, target, p, value.to(p.device), signed, contiguous=on_path)
+
+    # -- plan building ------------------------------------------------------------------------------------
+
+    def _fingerprint(self, group, has, dtensor=None):
+        objs, config = super()._fingerprint(group, has, dtensor)
+        return objs, config + tuple(group[k] for k in _KEYS)  # a changed state_bits rebuilds the plan
+
+    def _build_plan(self, gi, group, grads, has):
+        self._fresh = set()
+        for i, (p, h) in enumerate(zip(group["params"], has)):
+            if h and p in self.state:
+                self._conform(gi, i, group, p, self.state[p])  # a state_bits changed since the states were made
+            if not h or self._qbits(p, group) is None:
+                continue
+            if grads[i].is_sparse:
+                raise RuntimeError(f"{type(self).__name__}: parameter {i} of param group {gi} has a sparse "
+                                   f"gradient; sparse gradients need state_bits=32 (and no stochastic rounding)")
+            state = self.state[p]
+            if self._has_step and "step" not in state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float32)
+            fmt = self._format(p, group)
+            fill = float(group.get("initial_accumulator_value", 0.0)) if self._op == "adagrad_step" else 0.0
+            for name, signed in self._slots(group):
+                if name in state:
+                    continue
+                if self._op == "sgd_step":
+                    self._fresh.add(p)  # the first momentum step sets buf = g (see _hyper's first_step)
+                write(state, name, fmt, p, torch.full((p.numel(),), fill, device=p.device), signed, True)
+        return super()._build_plan(gi, group, grads, has)
+
+    def _make_bucket(self, group, device, extra, members, masked, has_master, count, dtensor=None):
+        params = group["params"]
+        parts = {}
+        for m in members:
+            p = params[m[0]]
+            bits = self._qbits(p, group)
+            key = None if bits is None else (bits, p in getattr(self, "_fresh", ()))
+            parts.setdefault(key, []).append(m)
+        buckets = []
+        for key, ms in parts.items():
+            if key is None:
+                buckets.append(super()._make_bucket(group, device, extra, ms, masked, has_master, count, dtensor))
+            else:
+                buckets.append(self._make_qbucket(group, device, extra, ms, masked, has_master, count, *key))
+        return buckets[0] if len(buckets) == 1 else _Parts(buckets)
+
+    def _make_qbucket(self, group, device, extra, members, masked, has_master, count, bits, fresh):
+        params = group["params"]
+        ps = [params[i] for i, _ in members]
+        slots = []
+        for name, signed in zip(self._state_lists(group), qref.SIGNED[self._op]):
+            if name is None:
+                slots.append(([], []))
+                continue
+            vals = [self.state[p][name] for p in ps]
+            scales = [self.state[p][name + "_absmax"] for p in ps] if bits in (8, 4) else []
+            slots.append((vals, scales))
+        masters = [self.state[p]["master_param"] for p in ps] if has_master else []
+        masks = [sparsity.get_mask(p) for p in ps] if masked else []
+        if self._op == "sgd_step" and extra is not None:
+            extra = not fresh  # SGD's has_buffer: a buffer created for this step starts as the gradient
+        b = _QBucket(device, extra, [i for i, _ in members], count, ps, slots, masters, masks, bits,
+                     block_of(group))
+        if fresh:
+            self._plans_stale = True
+        return b
+
+    def _run(self, group, plan, grads, grad_scale, found_inf):
+        if group["stochastic_rounding"]:
+            group["sr_step"] += 1
+        if getattr(self, "_plans_stale", False):
+            plan.stale = True
+            self._plans_stale = False
+        super()._run(group, plan, grads, grad_scale, found_inf)
+
+    def _launch(self, group, plan, b, grads, grad_scale, found_inf):
+        if isinstance(b, _Parts):
+            for part in b.parts:
+                self._launch(group, plan, part, grads, grad_scale, found_inf)
+        elif isinstance(b, _QBucket):
+            self._qlaunch(group, b, grads, grad_scale, found_inf)
+        else:
+            super()._launch(group, plan, b, grads, grad_scale, found_inf)
+
+    def _qlaunch(self, group, b, grads, grad_scale, found_inf):
+        ps, masters, masks = list(b.params), list(b.masters), list(b.masks)
+        gs = [grads[i] for i in b.idx]
+        writeback = []
+        # The kernels run on contiguous tensors in logical order (the states' order): others run on copies.
+        for j, p in enumerate(ps):
+            if not p.is_contiguous() or not gs[j].is_contiguous() or (masks and not masks[j].is_contiguous()):
+                c = p.contiguous()
+                if c is not p:
+                    writeback.append((p, c))
+                ps[j] = c
+                gs[j] = gs[j].contiguous()
+                if masters:
+                    mc = masters[j].contiguous()
+                    if mc is not masters[j]:
+                        writeback.append((masters[j], mc))
+                    masters[j] = mc
+                if masks:
+                    masks[j] = masks[j].contiguous()
+        count, on_device = b.count if b.count is not None else (None, False)
+        step = float(count) if count is not None and not on_device else 1.0
+        lr, lr_tensor = self._lr(group, b.device)
+        if grad_scale is not None and grad_scale.device != b.device:
+            grad_scale = grad_scale.to(b.device, non_blocking=True)
+        if found_inf is not None and found_inf.device != b.device:
+            found_inf = found_inf.to(b.device, non_blocking=True)
+        impl = backends.implementation(FAMILY, backends.resolve(FAMILY, group["backend"], b.device))
+        hyper = self._hyper(group, step, b.extra)
+        if on_device and self._kernel_takes_step:
+            hyper["step"] = count
+        seed = (group["sr_seed"] + 0x632BE5AB * group["sr_step"]) & 0x7FFFFFFF if group["stochastic_rounding"] \
+            else -1
+        impl.quant_step(self._op, ps, gs, [s[0] for s in b.slots], [s[1] for s in b.slots], masters, masks,
+                        bits=b.bits, block_size=b.block, seed=seed, lr=lr, l1=float(group["l1"]),
+                        lr_tensor=lr_tensor, grad_scale=grad_scale, found_inf=found_inf, **hyper)
+        for dst, src in writeback:
+            dst.copy_(src)
+
+    # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def load_state_dict(self, state_dict):
+        """Loads a checkpoint of this optimizer (any ``state_bits``) or of its torch.optim twin; states in another
+        format than their group's are converted (with a warning). The groups keep their quantization settings."""
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        if len(ids) != len(params):
+            raise ValueError(f"{type(self).__name__}: the checkpoint has {len(ids)} parameters, this optimizer "
+                             f"{len(params)}")
+        saved = {}
+        for pid, p in zip(ids, params):
+            s = state_dict["state"].get(pid)
+            if s is not None:
+                saved[p] = {k: v for k, v in s.items() if isinstance(v, torch.Tensor) and k != "step"}
+        # Check every saved state before anything changes.
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p in saved:
+                    where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+                    for name, _ in self._slots(group):
+                        if name in saved[p]:
+                            detect(saved[p], name, p.numel(), where)
+        current = [{k: g[k] for k in _KEYS + ("sr_seed", "sr_step")} for g in self.param_groups]
+        super().load_state_dict(state_dict)
+        for group, cur, sg in zip(self.param_groups, current, state_dict["param_groups"]):
+            group.update(cur)
+            if sg.get("stochastic_rounding") and cur["stochastic_rounding"]:
+                group["sr_seed"], group["sr_step"] = sg["sr_seed"], sg["sr_step"]
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not st or p not in saved:
+                    continue
+                for name, _ in self._slots(group):
+                    for k in (name, name + "_absmax"):
+                        v = saved[p].get(k)
+                        if v is not None and (v.dtype == torch.uint8 or k.endswith("_absmax") or
+                                              self._qbits(p, group) is not None):
+                            st[k] = v.detach().to(p.device).clone()  # as saved: torch's loader casts floats
+                self._conform(gi, i, group, p, st)
+        self._plans = {}
+
+
+class _QBucket(_Bucket):
+    """One quant_step call: parameters of one device, dtype-agnostic, sharing the state format and step count."""
+
+    def __init__(self, device, extra, idx, count, params, slots, masters, masks, bits, block):
+        super().__init__(device, extra, idx, count, {}, (), [])
+        self.params, self.slots, self.masters, self.masks = params, slots, masters, masks
+        self.bits, self.block = bits, block
+
+
+class _Parts:
+    """Several kernel calls for one FusedOptimizer bucket (quantized and unquantized members)."""
+
+    def __init__(self, parts):
+        self.parts = parts
+
+
+def dequantized_state_dict(opt):
+    """``opt.state_dict()`` with every state as float32 shaped like its parameter and the quantization settings
+    dropped: loadable by the torch.optim twin (and by nnopt with any ``state_bits``)."""
+    sd = opt.state_dict()
+    state = {}
+    for gi, (group, saved_group) in enumerate(zip(opt.param_groups, sd["param_groups"])):
+        for i, (p, pid) in enumerate(zip(group["params"], saved_group["params"])):
+            s = sd["state"].get(pid)
+            if s is None:
+                continue
+            s = dict(s)
+            where = f"dequantized_state_dict: parameter {i} of param group {gi}"
+            for name, signed in opt._slots(group):
+                if name in s:
+                    fmt = detect(s, name, p.numel(), where)
+                    s[name] = read_float(s, name, fmt, p, signed).view(p.shape).clone()
+                    s.pop(name + "_absmax", None)
+            state[pid] = s
+    groups = [{k: v for k, v in g.items() if k not in _KEYS + ("sr_seed", "sr_step")} for g in sd["param_groups"]]
+    return {"state": state, "param_groups": groups}
