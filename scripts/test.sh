@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-"$PY" -m pip install -q "torch==2.13.0" triton pytest scikit-learn numpy matplotlib ninja setuptools wheel transformers
+"$PY" -m pip install -q "torch==2.13.0" triton pytest scikit-learn numpy matplotlib ninja setuptools wheel transformers expecttest
 # transformers depends on torch: re-pin so pip never swaps the CPU wheel for another build
 "$PY" -m pip install -q "torch==2.13.0"
 "$PY" -m pip install -q --no-build-isolation -e .

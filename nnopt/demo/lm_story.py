@@ -102,7 +102,8 @@ def train(corpus, cfg):
     mcfg, device = cfg["model"], cfg["device"]
     rows, teacher = [], None
     runs = [("torch.optim.AdamW", lambda ps: torch.optim.AdamW(ps, lr=3e-3, weight_decay=0.01)),
-            ("nnopt AdamW", lambda ps: nno.AdamW(ps, lr=3e-3, weight_decay=0.01, backend=cfg["backend"]))]
+            ("nnopt AdamW", lambda ps: nno.AdamW(ps, lr=3e-3, weight_decay=0.01, backend=cfg["backend"])),
+            ("nnopt AdamW8bit", lambda ps: nno.AdamW8bit(ps, lr=3e-3, weight_decay=0.01, backend=cfg["backend"]))]
     for name, make in runs:
         model = lm.build(cfg["kind"], seed=0, **mcfg).to(device)
         opt = make(model.parameters())
