@@ -12,6 +12,7 @@ class Adagrad(FusedOptimizer):
     """
 
     _op = "adagrad_step"
+    _traceable = True
     _kernel_takes_step = True
     _supports_sparse = True
 

@@ -14,6 +14,7 @@ class SGD(FusedOptimizer):
     """
 
     _op = "sgd_step"
+    _traceable = True
     _has_step = False
     _supports_sparse = True
 
