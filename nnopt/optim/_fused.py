@@ -98,6 +98,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     _op = None  # the kernel's name in the fused_optim family
     _has_step = True  # whether state["step"] exists (all but SGD)
     _kernel_takes_step = False  # whether the kernel derives scalars from the count (Adam, Adagrad)
+    # Whether _traced_step (below) is this optimizer's whole step under torch.compile: true for those whose step is
+    # the shared launch with at most 3 state lists and no host-side state of their own, once tests/optim/
+    # test_compile.py covers them; the others run their eager step there (correct, with graph breaks).
+    _traceable = False
 
     @staticmethod
     def _counts_on_device(device):
@@ -237,7 +241,8 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if torch.compiler.is_compiling() and not any(p.is_complex() for g in self.param_groups for p in g["params"]):
+        if (torch.compiler.is_compiling() and self._traceable
+                and not any(p.is_complex() for g in self.param_groups for p in g["params"])):
             for group in self.param_groups:
                 self._traced_step(group, grad_scale, found_inf)
             return loss

@@ -13,6 +13,7 @@ class Adagrad(QuantStates, FusedOptimizer):
     """
 
     _op = "adagrad_step"
+    _traceable = True
     _kernel_takes_step = True
     _supports_sparse = True
 

@@ -15,6 +15,7 @@ class Adam(QuantStates, FusedOptimizer):
     """
 
     _op = "adam_step"
+    _traceable = True
     _kernel_takes_step = True
 
     def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0, amsgrad=False, *,

@@ -14,6 +14,7 @@ class RMSprop(QuantStates, FusedOptimizer):
     """
 
     _op = "rmsprop_step"
+    _traceable = True
 
     def __init__(self, params, lr=1e-2, alpha=0.99, eps=1e-8, weight_decay=0, momentum=0, centered=False,
                  capturable=False, foreach=None, maximize=False, differentiable=False, *, backend=None,

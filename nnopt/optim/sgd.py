@@ -15,6 +15,7 @@ class SGD(QuantStates, FusedOptimizer):
     """
 
     _op = "sgd_step"
+    _traceable = True
     _has_step = False
     _supports_sparse = True
 

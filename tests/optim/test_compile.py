@@ -108,3 +108,23 @@ def test_tensor_lr_changes_without_retrace():
             o.param_groups[0]["lr"].mul_(0.5)
     assert counter.frame_count == 1
     assert_close(ps[0].detach(), qs[0].detach())
+
+
+def test_compiled_step_skips_on_found_inf():
+    """GradScaler's found_inf under compile: read by the kernels, subtracted from the counts; no host read."""
+    torch._dynamo.reset()
+    ps = [torch.nn.Parameter(torch.randn(5, 3)), torch.nn.Parameter(torch.randn(3))]
+    before = [p.detach().clone() for p in ps]
+    opt = nno.Adam(ps, lr=0.1)
+    step = torch.compile(lambda: opt.step(), backend="aot_eager", fullgraph=True)
+    opt.grad_scale, opt.found_inf = torch.full((1,), 4.0), torch.ones(())
+    for p in ps:
+        p.grad = torch.randn_like(p)
+    step()
+    for p, b in zip(ps, before):
+        assert torch.equal(p.detach(), b)
+        assert float(opt.state[p]["step"]) == 0.0 and not opt.state[p]["exp_avg"].any()
+    opt.found_inf = torch.zeros(())
+    step()
+    assert all(not torch.equal(p.detach(), b) for p, b in zip(ps, before))
+    assert float(opt.state[ps[0]]["step"]) == 1.0
