@@ -241,7 +241,7 @@ class FusedOptimizer(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if (torch.compiler.is_compiling() and self._traceable
+        if (torch.compiler.is_compiling() and self._traceable and self._trace_supported()
                 and not any(p.is_complex() for g in self.param_groups for p in g["params"])):
             for group in self.param_groups:
                 self._traced_step(group, grad_scale, found_inf)
@@ -272,6 +272,10 @@ class FusedOptimizer(torch.optim.Optimizer):
     # Step counts are read by the kernels (the ``step=`` tensor), never on the host. (SGD's first momentum step,
     # which creates the buffers, compiles a second, steady graph; sparse gradients and DTensors take the eager
     # path; so do complex parameters, whose real views AOT's functionalisation does not rebuild.)
+
+    def _trace_supported(self):
+        """Whether the traced step can run this optimizer's configuration (a mixin narrows it)."""
+        return True
 
     def _init_group(self, group, params, grads, s0, s1, s2, masters, masks, steps):
         """Fills the lists with ``group``'s parameters that have gradients, bucket by bucket; returns the buckets

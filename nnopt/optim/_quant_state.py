@@ -175,6 +175,10 @@ class QuantStates:
 
     # -- plan building ------------------------------------------------------------------------------------
 
+    def _trace_supported(self):
+        # the traced step launches the fp32-state kernels: quantized states and stochastic rounding run eagerly
+        return all(g["state_bits"] == 32 and not g["stochastic_rounding"] for g in self.param_groups)
+
     def _fingerprint(self, group, has, dtensor=None):
         objs, config = super()._fingerprint(group, has, dtensor)
         return objs, config + tuple(group[k] for k in _KEYS)  # a changed state_bits rebuilds the plan
