@@ -9,7 +9,10 @@ midpoints: code = #{mids < x}, the reference's searchsorted, so codes are identi
 
 Launch table (int64), as kernels/_multi_tensor.py but with a row per block and per-slot sizes of their own:
     rows 0 .. B-1   block b:  [tensor index, first element]
-    rows B ..       tensor t: [param, grad, master, mask, s0, s1, s2, scale0, scale1, scale2 addresses, numel, key]
+    rows B ..       tensor t: [param, grad, master, mask, s0, s1, s2, scale0, scale1, scale2 addresses, numel]
+The table depends only on addresses and sizes: it is cached by them, built with tensor ops (no per-block Python)
+and copied to the device from pinned memory without blocking; the stochastic-rounding key of tensor t,
+(seed * 0x9E3779B1 + t * 0x85EBCA77) mod 2^32, is formed in the kernel from the per-step `seed` argument.
 Shapes: any (flat, contiguous); params/grads float32, bfloat16 or float16; masters float32; masks bool; states and
 scales as the reference's formats. CUDA tensors (CPU with TRITON_INTERPRET=1).
 """
@@ -21,7 +24,9 @@ import triton.language as tl
 from . import _qmaps
 from ._utils import cast, div_rn, f64, lerp, sqrt_rn, tl_dtype
 
-_ROW = 12  # entries per tensor row
+_ROW = 11  # entries per tensor row
+_CACHE_SIZE = 64
+_cache = {}
 _SIGNED = {"sgd_step": (1, 0, 0), "adam_step": (1, 0, 0), "adagrad_step": (0, 0, 0), "rmsprop_step": (0, 1, 1)}
 _OP_ID = {"sgd_step": 0, "adam_step": 1, "adagrad_step": 2, "rmsprop_step": 3}
 
@@ -96,7 +101,7 @@ def _hash(x):
 
 
 @triton.jit
-def _kernel(table, qmap_ptr, mids_ptr, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr, h1, h2, h3, h4, h5, h6, h7,
+def _kernel(table, qmap_ptr, mids_ptr, lr_ptr, scale_ptr, inf_ptr, step_ptr, seed, lr, h1, h2, h3, h4, h5, h6, h7,
             P_DTYPE: tl.constexpr, S_DTYPE: tl.constexpr, SC_DTYPE: tl.constexpr, OP: tl.constexpr,
             BITS: tl.constexpr, U0: tl.constexpr, U1: tl.constexpr, U2: tl.constexpr, SG0: tl.constexpr,
             SG1: tl.constexpr, SG2: tl.constexpr, FA: tl.constexpr, FB: tl.constexpr, FC: tl.constexpr,
@@ -109,7 +114,7 @@ def _kernel(table, qmap_ptr, mids_ptr, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr,
     n_blocks = tl.num_programs(0).to(tl.int64)
     t = tl.load(table + 2 * pid)
     start = tl.load(table + 2 * pid + 1)
-    row = table + 2 * n_blocks + t * 12
+    row = table + 2 * n_blocks + t * 11
     numel = tl.load(row + 10)
     offs = start + tl.arange(0, BLOCK)
     m = offs < numel
@@ -229,7 +234,7 @@ def _kernel(table, qmap_ptr, mids_ptr, lr_ptr, scale_ptr, inf_ptr, step_ptr, lr,
     if HAS_MASTER:
         tl.store(_ptr(row, 2, tl.float32) + offs, p, mask=m)
     if SR and not HAS_MASTER:
-        key = tl.load(row + 11).to(tl.uint32)
+        key = (seed.to(tl.uint64) * 0x9E3779B1 + t.to(tl.uint64) * 0x85EBCA77).to(tl.uint32)
         r = _hash(offs.to(tl.uint32) ^ key) & 0xFFFF
         bits = p.to(tl.uint32, bitcast=True)
         out = ((bits + r) >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
@@ -296,22 +301,9 @@ def quant_step(op, params, grads, states, scales, masters, masks, *, bits, block
     sc_dtype = torch.float32 if bits == 8 else torch.bfloat16
     block = block_size if bits in (8, 4) else 1024
     _check_lists(params, grads, slots, scs, masters, masks, used, bits, block, p_dtype, s_dtype, sc_dtype, device)
-    # The table: block rows, then tensor rows (addresses; an absent tensor's entry is 0 and never read).
-    blocks = []
-    rows = []
-    for i, p in enumerate(params):
-        numel = p.numel()
-        blocks += [(i, b) for b in range(0, numel, block)]
-        addr = [p.data_ptr(), grads[i].data_ptr(), masters[i].data_ptr() if masters else 0,
-                masks[i].data_ptr() if masks else 0]
-        addr += [slots[k][i].data_ptr() if used[k] else 0 for k in range(3)]
-        addr += [scs[k][i].data_ptr() if used[k] and bits in (8, 4) else 0 for k in range(3)]
-        key = ((seed * 0x9E3779B1 + i * 0x85EBCA77) & 0xFFFFFFFF) if seed >= 0 else 0
-        rows.append(addr + [numel, key])
-    if not blocks:
+    table, n_blocks = _table(params, grads, slots, scs, masters, masks, used, bits, block, device)
+    if n_blocks == 0:
         return
-    flat = [x for b in blocks for x in b] + [x for r in rows for x in r]
-    table = torch.tensor([x - (1 << 64) if x >= (1 << 63) else x for x in flat], dtype=torch.int64).to(device)
     if bits in (8, 4):
         qmap, mids = (t.to(device) for t in _qmaps.tables(bits))
     else:
@@ -320,10 +312,10 @@ def quant_step(op, params, grads, states, scales, masters, masks, *, bits, block
     h = [float(hyper.get(k, 0.0)) for k in names] + [0.0] * (7 - len(names))
     f = [bool(hyper[k]) for k in flags] + [False] * (3 - len(flags))
     signed = _SIGNED[op]
-    _kernel[(len(blocks),)](
+    _kernel[(n_blocks,)](
         table, qmap, mids, lr_tensor if lr_tensor is not None else table,
         grad_scale if grad_scale is not None else table, found_inf if found_inf is not None else table,
-        step if step is not None else table, float(hyper["lr"]), *h,
+        step if step is not None else table, max(int(seed), 0), float(hyper["lr"]), *h,
         P_DTYPE=tl_dtype(p_dtype), S_DTYPE=tl.float32 if bits == 32 else (tl.bfloat16 if bits == 16 else tl.uint8),
         SC_DTYPE=tl.float32 if bits == 8 else tl.bfloat16, OP=_OP_ID[op], BITS=bits, U0=used[0], U1=used[1],
         U2=used[2], SG0=signed[0], SG1=signed[1], SG2=signed[2], FA=f[0], FB=f[1], FC=f[2],
@@ -331,6 +323,33 @@ def quant_step(op, params, grads, states, scales, masters, masks, *, bits, block
         HAS_SCALE=grad_scale is not None, HAS_INF=found_inf is not None,
         HAS_STEP=step is not None and op in ("adam_step", "adagrad_step"),
         SR=seed >= 0 and p_dtype == torch.bfloat16, BLOCK=block, num_warps=4, enable_fp_fusion=False)
+
+
+def _table(params, grads, slots, scs, masters, masks, used, bits, block, device):
+    """(table, number of blocks): block rows then tensor rows (an absent tensor's address is 0, never read)."""
+    n = len(params)
+    cols = [params, grads, masters or [None] * n, masks or [None] * n]
+    cols += [slots[k] if used[k] else [None] * n for k in range(3)]
+    cols += [scs[k] if used[k] and bits in (8, 4) else [None] * n for k in range(3)]
+    addr = [[t.data_ptr() if t is not None else 0 for t in col] for col in cols]
+    numels = [p.numel() for p in params]
+    key = (device, bits, block, tuple(numels), tuple(tuple(a) for a in addr))
+    hit = _cache.get(key)
+    if hit is not None:
+        return hit
+    counts = torch.tensor([(x + block - 1) // block for x in numels], dtype=torch.int64)
+    tensor_idx = torch.repeat_interleave(torch.arange(n, dtype=torch.int64), counts)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    starts = (torch.arange(tensor_idx.numel(), dtype=torch.int64) - first) * block
+    rows = torch.tensor([[a[i] for a in addr] + [numels[i]] for i in range(n)], dtype=torch.uint64)
+    host = torch.cat([torch.stack([tensor_idx, starts], 1).reshape(-1), rows.view(torch.int64).reshape(-1)])
+    if device.type == "cuda":
+        host = host.pin_memory()
+    table = host.to(device, non_blocking=True)
+    if len(_cache) >= _CACHE_SIZE:
+        _cache.pop(next(iter(_cache)))
+    _cache[key] = (table, int(tensor_idx.numel()))
+    return _cache[key]
 
 
 def _check_lists(params, grads, slots, scs, masters, masks, used, bits, block, p_dtype, s_dtype, sc_dtype, device):

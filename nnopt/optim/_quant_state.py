@@ -15,6 +15,9 @@ Every other parameter keeps FusedOptimizer's path and torch.optim's state layout
 from its tensors (dtype, sizes), so a state in any other format (a checkpoint with other ``state_bits``, a
 torch.optim checkpoint, a group whose ``state_bits`` changed) is converted to the group's format when loaded or
 when the next plan is built, with a warning naming the formats.
+
+Not (yet) on the quantized path: float64 and complex parameters, sparse gradients (an error), and DTensor
+parameters (FSDP2 / tensor parallel: they keep fp32 states; sharding the blocks with the parameter is left to do).
 """
 
 import warnings
