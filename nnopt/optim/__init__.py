@@ -13,4 +13,5 @@ from nnopt.optim.radam import RAdam
 from nnopt.optim.rmsprop import RMSprop
 from nnopt.optim.sgd import SGD
 
-__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Lion", "LAMB", "Muon", "Adafactor"]
+__all__ = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "NAdam", "RAdam", "Adamax", "Adafactor", "Muon", "Lion",
+           "LAMB"]
