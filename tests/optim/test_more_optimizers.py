@@ -539,3 +539,36 @@ def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs,
             ref.step()
     del ours.grad_scale, ours.found_inf
     assert_same_state(ours, ref, ps, qs)
+
+
+def test_muon_device_found_inf_is_never_read_on_the_host(monkeypatch):
+    """A found_inf off the CPU (simulated: the CPU branch is bypassed) skips the step without a host read; finite
+    steps match torch.optim.Muon to float32 rounding (the update is applied as a product with the keep flag)."""
+    ps = muon_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
+
+    class DeviceFlag(torch.Tensor):  # reports a non-CPU device so the step takes the device path
+        @property
+        def device(self):
+            return torch.device("meta")
+
+        def to(self, *args, **kwargs):
+            return torch.Tensor(self).clone()
+
+        def item(self):
+            raise AssertionError("found_inf was read on the host")
+
+    for step in range(5):
+        set_grads(ps, qs)
+        skip = step in (1, 3)
+        ours.found_inf = torch.tensor(1.0 if skip else 0.0).as_subclass(DeviceFlag)
+        before = [p.detach().clone() for p in ps]
+        ours.step()
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        else:
+            ref.step()
+    del ours.found_inf
+    for p, q in zip(ps, qs):
+        assert_close(p.detach(), q.detach())
