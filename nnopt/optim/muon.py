@@ -52,7 +52,8 @@ class Muon(torch.optim.Optimizer):
     Per step and group, the parameters with gradients are grouped by (shape, dtype, device, mask presence): each
     group's momentum update and Newton–Schulz chain run batched over its matrices (a transformer's dozens of equal
     matrices cost a few launches, not dozens). Extra: masks (nnopt.sparsity; masked entries stay exactly 0 in the
-    parameter and the buffer) and GradScaler (gradients unscaled; a step with an inf/NaN changes nothing).
+    parameter and the buffer) and GradScaler (gradients unscaled; a step with an inf/NaN changes nothing; a found_inf
+    on a GPU is never read on the host: the step's changes are scaled by 0 instead).
     """
 
     _step_supports_amp_scaling = True
@@ -86,8 +87,10 @@ class Muon(torch.optim.Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item() != 0):  # one host read per step under GradScaler
-            return loss
+        if found_inf is not None and found_inf.device.type == "cpu":
+            if bool(found_inf.item() != 0):  # a CPU flag costs nothing to read
+                return loss
+            found_inf = None
         for group in self.param_groups:
             shape_groups = {}
             for p in group["params"]:
@@ -100,10 +103,10 @@ class Muon(torch.optim.Optimizer):
                 key = (tuple(p.shape), p.dtype, p.device, sparsity.get_mask(p) is not None)
                 shape_groups.setdefault(key, []).append(p)
             for (shape, _, _, masked), ps in shape_groups.items():
-                self._step_group(group, ps, shape, masked, grad_scale)
+                self._step_group(group, ps, shape, masked, grad_scale, found_inf)
         return loss
 
-    def _step_group(self, group, ps, shape, masked, grad_scale):
+    def _step_group(self, group, ps, shape, masked, grad_scale, found_inf=None):
         lr = float(group["lr"])
         momentum = group["momentum"]
         grads = [p.grad for p in ps]
@@ -118,7 +121,13 @@ class Muon(torch.optim.Optimizer):
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
             bufs.append(state["momentum_buffer"])
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
+        keep = None
+        if found_inf is not None:  # a device flag is never read on the host: a skipped step scales every change by 0
+            keep = (found_inf.to(ps[0].device).reshape(()) == 0).to(torch.float32)
+            for buf, g in zip(bufs, grads):
+                buf.lerp_(g, (1 - momentum) * keep)
+        else:
+            torch._foreach_lerp_(bufs, grads, 1 - momentum)
         # The batch of updates is written in place (no stacking copy): g.lerp(buf, momentum) or buf.
         update = torch.empty((len(ps),) + shape, dtype=grads[0].dtype, device=grads[0].device)
         for u, g, buf in zip(update, grads, bufs):
@@ -128,8 +137,13 @@ class Muon(torch.optim.Optimizer):
                 u.copy_(buf)
         ortho = newton_schulz(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
         decay, alpha = 1 - lr * group["weight_decay"], -adjusted_lr(lr, group["adjust_lr_fn"], shape)
-        for p, o in zip(ps, ortho):
-            p.mul_(decay).add_(o, alpha=alpha)  # the bf16 update promoted on the fly, as torch's param.add_
+        if keep is not None:
+            decay_t, alpha_t = 1 - (1 - decay) * keep, alpha * keep
+            for p, o in zip(ps, ortho):
+                p.mul_(decay_t).addcmul_(o, alpha_t)
+        else:
+            for p, o in zip(ps, ortho):
+                p.mul_(decay).add_(o, alpha=alpha)  # the bf16 update promoted on the fly, as torch's param.add_
         if masked:
             torch._foreach_mul_(ps, masks)
             torch._foreach_mul_(bufs, masks)

@@ -496,3 +496,79 @@ def test_adafactor_bad_arguments_raise_torchs_messages():
                             (dict(lr=torch.tensor([0.1, 0.2])), "Tensor lr must be 1-element")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(")):
             nno.Adafactor(p, **kwargs)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton"])  # the reference reads found_inf on the host by design
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[7], CONFIGS[11]],
+                         ids=[IDS[1], IDS[4], IDS[7], IDS[11]])
+def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs, backend, monkeypatch):
+    """Step counts (and NAdam's mu_product) kept where the kernels read them, as for CUDA parameters (forced here
+    on CPU tensors): under GradScaler a cached-plan step reads none of them, nor found_inf or grad_scale, on the
+    host, skips the non-finite steps and matches the oracle stepping only on the finite ones."""
+    from nnopt.optim._fused import FusedOptimizer
+
+    skip_unless_available(backend, "cpu")
+    monkeypatch.setattr(FusedOptimizer, "_counts_on_device", staticmethod(lambda device: True))
+    ps = make_params("triton")
+    qs = clone_params(ps)
+    ours, ref = getattr(nno, name)(ps, backend=backend, **kwargs), twin(name, qs, kwargs)
+    watched = set()
+
+    def guard(original):
+        def read(self, *args, **kw):
+            if self.untyped_storage().data_ptr() in watched:
+                raise AssertionError("a step count, mu_product, found_inf or grad_scale was read on the host")
+            return original(self, *args, **kw)
+        return read
+
+    for step in range(7):
+        set_grads(ps, qs)
+        for p in ps:
+            p.grad.mul_(4.0)  # scaled by grad_scale (a power of two: unscaling is exact)
+        skip = step in (2, 4, 5)
+        ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(1.0 if skip else 0.0)
+        watched = {t.untyped_storage().data_ptr() for t in (ours.grad_scale, ours.found_inf)}
+        watched |= {st[k].untyped_storage().data_ptr() for st in ours.state.values() for k in ("step", "mu_product")
+                    if k in st}
+        with monkeypatch.context() as m:
+            if step >= 1:  # the first step builds the plan, which may read counts
+                for attr in ("item", "__bool__", "__float__", "__int__", "tolist"):
+                    m.setattr(torch.Tensor, attr, guard(getattr(torch.Tensor, attr)))
+            ours.step()
+        if not skip:
+            ref.step()
+    del ours.grad_scale, ours.found_inf
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_muon_device_found_inf_is_never_read_on_the_host(monkeypatch):
+    """A found_inf off the CPU (simulated: the CPU branch is bypassed) skips the step without a host read; finite
+    steps match torch.optim.Muon to float32 rounding (the update is applied as a product with the keep flag)."""
+    ps = muon_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
+
+    class DeviceFlag(torch.Tensor):  # reports a non-CPU device so the step takes the device path
+        @property
+        def device(self):
+            return torch.device("meta")
+
+        def to(self, *args, **kwargs):
+            return torch.Tensor(self).clone()
+
+        def item(self):
+            raise AssertionError("found_inf was read on the host")
+
+    for step in range(5):
+        set_grads(ps, qs)
+        skip = step in (1, 3)
+        ours.found_inf = torch.tensor(1.0 if skip else 0.0).as_subclass(DeviceFlag)
+        before = [p.detach().clone() for p in ps]
+        ours.step()
+        if skip:
+            assert all(torch.equal(a, b) for a, b in zip(before, ps))
+        else:
+            ref.step()
+    del ours.found_inf
+    for p, q in zip(ps, qs):
+        assert_close(p.detach(), q.detach())
