@@ -151,8 +151,12 @@ def test_opcheck():
         hyper = dict(OPS[op][2], **flags, l1=0.0)
         hyper.update(count_scalars(op, hyper, 3, 0.5)[0])
         args = [lists["params"], lists["grads"]] + [lists[n] for n in OPS[op][0]] + [lists["masters"], lists["masks"]]
+        if op == "lamb_step":
+            hyper["grad_norm"] = torch.tensor([3.0])
         torch.library.opcheck(getattr(torch.ops.nnopt, f"{op}_"), tuple(args), hyper,
                               test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(torch.ops.nnopt.l2_norms, ([torch.randn(5), torch.randn(3, 2)],),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("backend", BACKENDS + ["torch"])
