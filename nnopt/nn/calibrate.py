@@ -95,12 +95,12 @@ def predicted_speedup(kind, device_type, dtype, layout, m=1):
 
 def coefficients(kind, device_type, dtype, layout, m=1):
     """(empty, full) for this call's probe key: from memory, the disk cache, or a probe run now."""
+    if os.environ.get(ENV_PROBE, "1") == "0" or device_type != "cpu":  # before memory: the switch always wins
+        return DEFAULTS[kind]
     key = _key(kind, device_type, dtype, layout, m)
     hit = _memory.get(key)
     if hit is not None:
         return hit
-    if os.environ.get(ENV_PROBE, "1") == "0" or device_type != "cpu":
-        return DEFAULTS[kind]
     with _lock:
         _load()
         hit = _memory.get(key)
