@@ -407,6 +407,9 @@ class QuantStates:
         if seen is not None and seen[0] is mask and seen[1] == mask._version and "kept_index" in st:
             return False
         where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+        if self._has_step:  # a count of its own, on the host (a loaded one may be shared with its checkpoint)
+            st["step"] = (st["step"].detach().to("cpu", torch.float32).clone() if "step" in st
+                          else torch.tensor(0.0, dtype=torch.float32))
         flat = mask.reshape(-1)
         index = encode_index(mask)
         old = st.get("kept_index")
@@ -448,9 +451,6 @@ class QuantStates:
                 else:
                     full[old_pos] = m.reshape(-1).float()
             st["master_param"] = full[flat].contiguous()
-        if self._has_step:
-            st["step"] = (st["step"].detach().to("cpu", torch.float32).clone() if "step" in st
-                          else torch.tensor(0.0, dtype=torch.float32))
         st["kept_index"] = index
         self._compact_seen[p] = (mask, mask._version)
         return fresh
@@ -522,6 +522,8 @@ class QuantStates:
                     # format (compact_states), or they are expanded to full states here.
                     for k, v in saved[p].items():
                         st[k] = v.detach().to(p.device).clone()
+                    if "step" in st:
+                        st["step"] = st["step"].clone()  # torch's loader may share it with the checkpoint
                     if not self._is_compact(group, p):
                         self._expand(group, p, st)
                         self._conform(gi, i, group, p, st)

@@ -1,0 +1,253 @@
+"""compact_states=True: states only for the entries a mask keeps. Same parameters as full states (fp32/bf16:
+exactly; 8/4-bit: exactly those of a full-state optimizer on the packed vectors), zeros under masks, remapping
+when the mask changes (regrown entries start at zero), the index codec, bytes per parameter, checkpoints, and bad
+input.
+"""
+
+import warnings
+
+import pytest
+import torch
+
+import nnopt.optim as nno
+from nnopt import sparsity
+from nnopt.optim._compact_state import decode_index, encode_index, index_bytes_bound
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+OPTS = [("SGD", dict(lr=0.05, momentum=0.9, dampening=0.2)), ("AdamW", dict(lr=1e-2, amsgrad=True)),
+        ("Adagrad", dict(lr=0.1, initial_accumulator_value=0.1)), ("RMSprop", dict(lr=1e-2, momentum=0.5,
+                                                                                    centered=True))]
+SHAPES = [(70, 91), (5000,)]
+
+
+def masked_params(density=0.3, shapes=SHAPES):
+    ps = []
+    for s in shapes:
+        p = torch.nn.Parameter(torch.randn(s))
+        sparsity.set_mask(p, torch.rand(s) < density)
+        ps.append(p)
+    return ps
+
+
+def twin(ps):
+    qs = []
+    for p in ps:
+        q = torch.nn.Parameter(p.detach().clone())
+        sparsity.set_mask(q, sparsity.get_mask(p).clone())
+        qs.append(q)
+    return qs
+
+
+def set_grads(*lists):
+    for ps in zip(*lists):
+        g = torch.randn_like(ps[0])
+        for p in ps:
+            p.grad = g.clone()
+
+
+def state_bytes(opt):
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for v in st.values()
+               if isinstance(v, torch.Tensor))
+
+
+@pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
+def test_index_codec_round_trips(density):
+    for n in (1, 14, 15, 16, 31, 1000):
+        m = torch.rand(n) < density
+        idx = encode_index(m)
+        assert idx.dtype == torch.uint8 and idx.numel() <= index_bytes_bound(n, int(m.sum()))
+        assert torch.equal(decode_index(idx), m.nonzero().reshape(-1))
+    m = torch.zeros(100, dtype=torch.bool)
+    m[[0, 15, 16, 99]] = True  # gaps 0, 14, 0 and 82 (escapes)
+    assert torch.equal(decode_index(encode_index(m)), torch.tensor([0, 15, 16, 99]))
+
+
+@pytest.mark.parametrize("name,kw", OPTS)
+@pytest.mark.parametrize("bits", [32, 16])
+def test_same_parameters_as_full_states(name, kw, bits):
+    ps = masked_params()
+    qs = twin(ps)
+    full = getattr(nno, name)(ps, state_bits=bits, min_quant_size=0, **kw)
+    compact = getattr(nno, name)(qs, state_bits=bits, min_quant_size=0, compact_states=True, **kw)
+    for _ in range(3):
+        set_grads(ps, qs)
+        full.step()
+        compact.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        assert (q[~sparsity.get_mask(q)] == 0).all()
+
+
+@pytest.mark.parametrize("name,kw", OPTS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_quantized_equals_full_states_on_packed_vectors(name, kw, bits):
+    """With 8/4-bit states the blocks run over the packed vector: a full-state optimizer on the packed entries
+    (no mask) gives exactly the same parameters and codes."""
+    ps = masked_params()
+    packed = [torch.nn.Parameter(p.detach()[sparsity.get_mask(p)].clone()) for p in ps]
+    compact = getattr(nno, name)(ps, state_bits=bits, min_quant_size=0, compact_states=True, **kw)
+    dense = getattr(nno, name)(packed, state_bits=bits, min_quant_size=0, **kw)
+    for _ in range(3):
+        for p, k in zip(ps, packed):
+            g = torch.randn_like(p)
+            p.grad = g
+            k.grad = g[sparsity.get_mask(p)].clone()
+        compact.step()
+        dense.step()
+    for p, k in zip(ps, packed):
+        m = sparsity.get_mask(p)
+        assert torch.equal(p[m], k)
+        assert (p[~m] == 0).all()
+        for key, v in dense.state[k].items():
+            assert torch.equal(compact.state[p][key].reshape(-1), v.reshape(-1)), key
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_mask_change_regrown_start_at_zero(bits):
+    p = torch.nn.Parameter(torch.randn(64, 80))
+    m0 = torch.rand(64, 80) < 0.5
+    sparsity.set_mask(p, m0)
+    opt = nno.AdamW([p], lr=1e-2, state_bits=bits, min_quant_size=0, compact_states=True)
+    for _ in range(2):
+        p.grad = torch.randn_like(p)
+        opt.step()
+    old = {k: opt.state[p][k].clone() for k in ("exp_avg", "exp_avg_sq")}
+    m1 = m0.clone()
+    flip = torch.rand(64, 80) < 0.2
+    m1[flip] = ~m1[flip]
+    for mode in ("new object", "in place"):
+        if mode == "new object":
+            sparsity.set_mask(p, m1)
+        else:
+            m1 = torch.rand(64, 80) < 0.5
+            sparsity.get_mask(p).copy_(m1)
+            sparsity.zero_pruned_(p.data, m1)
+        before = opt.state[p]["kept_index"]
+        old_pos = decode_index(before)
+        p.grad = torch.zeros_like(p)  # zero gradient: a regrown entry's moments stay exactly zero
+        opt.step()
+        st = opt.state[p]
+        pos = decode_index(st["kept_index"])
+        assert torch.equal(pos, m1.reshape(-1).nonzero().reshape(-1))
+        exp_avg = nno._quant_state.read_float(st, "exp_avg", nno._quant_state.detect(st, "exp_avg", pos.numel(),
+                                                                                     "t"),
+                                              torch.empty(pos.numel(), device="meta"), True)
+        regrown = ~torch.isin(pos, old_pos)
+        assert regrown.any() and (exp_avg[regrown] == 0).all()
+        assert (p[~m1] == 0).all()
+        old = {k: st[k].clone() for k in old}
+
+
+def test_state_bytes_per_param_at_90_percent_mask():
+    torch.manual_seed(0)
+    ps = masked_params(0.1, [(256, 300), (4096,)])
+    opt = nno.AdamW(ps, state_bits=8, min_quant_size=0, compact_states=True)
+    set_grads(ps)
+    opt.step()
+    per_param = state_bytes(opt) / sum(p.numel() for p in ps)
+    assert per_param <= 0.3, per_param
+
+
+def test_state_dict_round_trip_and_conversion():
+    ps = masked_params()
+    opt = nno.AdamW(ps, lr=1e-2, state_bits=8, min_quant_size=0, compact_states=True)
+    set_grads(ps)
+    opt.step()
+    sd = opt.state_dict()
+    qs = twin(ps)
+    again = nno.AdamW(qs, lr=1e-2, state_bits=8, min_quant_size=0, compact_states=True)
+    again.load_state_dict(sd)
+    set_grads(ps, qs)
+    opt.step()
+    again.step()
+    for p, q in zip(ps, qs):
+        assert torch.equal(p, q)
+        for k, v in opt.state[p].items():
+            assert torch.equal(v, again.state[q][k]), k
+    # Into full states: expanded (and converted to 32 bits), zeros at the pruned entries.
+    full_ps = twin(ps)
+    full = nno.AdamW(full_ps, lr=1e-2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        full.load_state_dict(opt.state_dict())
+    for p, q in zip(ps, full_ps):
+        st = full.state[q]
+        assert "kept_index" not in st and st["exp_avg"].shape == q.shape
+        assert (st["exp_avg"][~sparsity.get_mask(q)] == 0).all()
+        assert torch.allclose(st["exp_avg"][sparsity.get_mask(q)],
+                              nno._quant_state.read_float(opt.state[p], "exp_avg", ("q", 8, 256),
+                                                          torch.empty(int(sparsity.get_mask(p).sum()),
+                                                                      device="meta"), True))
+    set_grads(full_ps)
+    full.step()
+    # Into another mask: remapped at the next step.
+    rs = twin(ps)
+    for r in rs:
+        sparsity.set_mask(r, torch.rand(r.shape) < 0.3)
+    other = nno.AdamW(rs, lr=1e-2, state_bits=8, min_quant_size=0, compact_states=True)
+    other.load_state_dict(sd)
+    set_grads(rs)
+    other.step()
+    for r in rs:
+        assert torch.equal(decode_index(other.state[r]["kept_index"]),
+                           sparsity.get_mask(r).reshape(-1).nonzero().reshape(-1))
+
+
+def test_bf16_master_weights():
+    ps = [torch.nn.Parameter(torch.randn(40, 50, dtype=torch.bfloat16))]
+    sparsity.set_mask(ps[0], torch.rand(40, 50) < 0.4)
+    qs = twin(ps)
+    full = nno.AdamW(ps, lr=1e-2, master_weights=True)
+    compact = nno.AdamW(qs, lr=1e-2, master_weights=True, compact_states=True)
+    for _ in range(3):
+        set_grads(ps, qs)
+        full.step()
+        compact.step()
+    assert torch.equal(ps[0], qs[0])
+    assert compact.state[qs[0]]["master_param"].numel() == int(sparsity.get_mask(qs[0]).sum())
+
+
+def test_without_mask_warns_and_has_no_effect():
+    p = torch.nn.Parameter(torch.randn(30, 40))
+    q = torch.nn.Parameter(p.detach().clone())
+    with pytest.warns(UserWarning, match="compact_states=True but no parameter"):
+        opt = nno.AdamW([q], lr=1e-2, compact_states=True)
+    ref = nno.AdamW([p], lr=1e-2)
+    set_grads([p], [q])
+    ref.step()
+    opt.step()
+    assert torch.equal(p, q) and "kept_index" not in opt.state[q]
+
+
+def test_mask_removed_expands_states():
+    ps = masked_params()
+    opt = nno.Adam(ps, lr=1e-2, compact_states=True)
+    set_grads(ps)
+    opt.step()
+    sparsity.clear_mask(ps[0])
+    set_grads(ps)
+    opt.step()
+    assert "kept_index" not in opt.state[ps[0]] and opt.state[ps[0]]["exp_avg"].shape == ps[0].shape
+
+
+def test_bad_input():
+    ps = masked_params()
+    with pytest.raises(ValueError, match="compact_states must be a bool"):
+        nno.AdamW(ps, compact_states=1)
+    opt = nno.AdamW(ps, lr=1e-2, compact_states=True)
+    before = [p.detach().clone() for p in ps]
+    ps[0].grad = torch.randn_like(ps[0])
+    ps[1].grad = torch.randn_like(ps[1]).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(ps, before)) and not opt.state
+    set_grads(ps)
+    opt.step()
+    sd = opt.state_dict()
+    bad = dict(sd, state={k: dict(v) for k, v in sd["state"].items()})
+    bad["state"][0]["kept_index"] = torch.full((10000,), 0xEE, dtype=torch.uint8)  # beyond the parameter
+    fresh = nno.AdamW(twin(ps), lr=1e-2, compact_states=True)
+    with pytest.raises(ValueError, match="kept_index addresses entries beyond"):
+        fresh.load_state_dict(bad)
+    assert not fresh.state
