@@ -567,11 +567,20 @@ def dequantized_state_dict(opt):
                 continue
             s = dict(s)
             where = f"dequantized_state_dict: parameter {i} of param group {gi}"
+            pos = decode_index(s.pop("kept_index").to(p.device)) if "kept_index" in s else None
+            ref = p if pos is None else torch.empty(pos.numel(), device="meta")
             for name, signed in opt._slots(group):
                 if name in s:
-                    fmt = detect(s, name, p.numel(), where)
-                    s[name] = read_float(s, name, fmt, p, signed).view(p.shape).clone()
+                    fmt = detect(s, name, ref.numel(), where)
+                    value = read_float(s, name, fmt, ref, signed).to(p.device)
+                    if pos is not None:  # compact states: zeros at the entries they do not hold
+                        value = torch.zeros(p.numel(), device=p.device).index_copy_(0, pos, value)
+                    s[name] = value.view(p.shape).clone()
                     s.pop(name + "_absmax", None)
+            if pos is not None and "master_param" in s:
+                full = p.detach().reshape(-1).float().clone()
+                full[pos] = s["master_param"].reshape(-1).float()
+                s["master_param"] = full.view(p.shape)
             state[pid] = s
     groups = [{k: v for k, v in g.items() if k not in _KEYS + ("sr_seed", "sr_step")} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}

@@ -181,6 +181,17 @@ def test_state_dict_round_trip_and_conversion():
                                                                       device="meta"), True))
     set_grads(full_ps)
     full.step()
+    # dequantized_state_dict: full fp32 states, loadable by torch.optim.
+    dq = nno.dequantized_state_dict(opt)
+    tp = twin(ps)
+    torch_opt = torch.optim.AdamW(tp, lr=1e-2)
+    torch_opt.load_state_dict(dq)
+    for j, p in enumerate(ps):
+        st, m = dq["state"][j], sparsity.get_mask(p)
+        assert "kept_index" not in st and st["exp_avg"].shape == p.shape and (st["exp_avg"][~m] == 0).all()
+        packed = nno._quant_state.read_float(opt.state[p], "exp_avg", ("q", 8, 256),
+                                             torch.empty(int(m.sum()), device="meta"), True)
+        assert torch.equal(st["exp_avg"][m], packed)
     # Into another mask: remapped at the next step.
     rs = twin(ps)
     for r in rs:
