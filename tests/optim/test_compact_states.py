@@ -12,6 +12,7 @@ import torch
 import nnopt.optim as nno
 from nnopt import sparsity
 from nnopt.optim._compact_state import decode_index, encode_index, index_bytes_bound
+from tests.conftest import skip_unless_available
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -101,6 +102,22 @@ def test_quantized_equals_full_states_on_packed_vectors(name, kw, bits):
         assert (p[~m] == 0).all()
         for key, v in dense.state[k].items():
             assert torch.equal(compact.state[p][key].reshape(-1), v.reshape(-1)), key
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("bits", [32, 8])
+def test_backends_match_cpu(backend, bits):
+    skip_unless_available(backend, "cpu", "quant_optim" if bits < 32 else "fused_optim")
+    ps = masked_params(0.3, [(40, 37)])
+    qs = twin(ps)
+    a = nno.AdamW(ps, lr=1e-2, state_bits=bits, min_quant_size=0, compact_states=True, backend="cpu")
+    b = nno.AdamW(qs, lr=1e-2, state_bits=bits, min_quant_size=0, compact_states=True, backend=backend)
+    for _ in range(2):
+        set_grads(ps, qs)
+        a.step()
+        b.step()
+    assert torch.allclose(ps[0], qs[0], rtol=1e-5, atol=1e-6)
+    assert (qs[0][~sparsity.get_mask(qs[0])] == 0).all()
 
 
 @pytest.mark.parametrize("bits", [32, 8])
