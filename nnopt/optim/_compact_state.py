@@ -11,8 +11,9 @@ A masked parameter ``p`` (n elements, k kept by ``nnopt.sparsity.get_mask(p)``) 
 
 The step gathers the kept entries of the parameter, its gradient (and master) into [k] temporaries, runs the
 same fused kernel as full states on them (one call per parameter), and scatters the parameter back (pruned
-entries set to 0, as the masked kernels do). Cost over a full-state masked step: the gather/scatter passes over
-the mask, parameter and gradient (about 2n bytes of mask reads and 3k*itemsize of copies) for 10x less state.
+entries are not written: they hold 0 by the mask contract). Cost over a full-state masked step: one nonzero over
+the mask (n bytes read) and 3k element copies (gather parameter and gradient, scatter the parameter), for 10x
+less state; the [k] positions live only during the step.
 When a mask changes (a new mask object, or an in-place edit), the states are remapped: entries kept by both
 masks keep their values, regrown entries start at zero (Adagrad: at ``initial_accumulator_value``; masters: at the
 parameter's value), newly pruned ones are dropped.
