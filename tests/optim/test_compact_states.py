@@ -279,3 +279,32 @@ def test_bad_input():
     with pytest.raises(ValueError, match="kept_index addresses entries beyond"):
         fresh.load_state_dict(bad)
     assert not fresh.state
+
+
+@pytest.mark.parametrize("bits", [32, 8])
+def test_grad_scaler_inputs(bits):
+    """found_inf skips the step (parameters, states and counts unchanged); grad_scale divides the gradients."""
+    ps = masked_params()
+    qs = twin(ps)
+    full = nno.AdamW(ps, lr=1e-2, state_bits=bits, min_quant_size=0)
+    compact = nno.AdamW(qs, lr=1e-2, state_bits=bits, min_quant_size=0, compact_states=True)
+    set_grads(ps, qs)
+    full.step()
+    compact.step()
+    before = [q.detach().clone() for q in qs]
+    steps = [float(compact.state[q]["step"]) for q in qs]
+    set_grads(qs)
+    compact.grad_scale, compact.found_inf = torch.tensor(8.0), torch.tensor(1.0)
+    compact.step()
+    assert all(torch.equal(q, b) for q, b in zip(qs, before))
+    assert [float(compact.state[q]["step"]) for q in qs] == steps
+    set_grads(ps, qs)
+    for q in qs:
+        q.grad.mul_(8.0)
+    compact.found_inf = torch.tensor(0.0)
+    full.step()
+    compact.step()
+    if bits == 32:
+        assert all(torch.equal(p, q) for p, q in zip(ps, qs))
+    assert all((q[~sparsity.get_mask(q)] == 0).all() for q in qs)
+    assert [float(compact.state[q]["step"]) for q in qs] == [s + 1 for s in steps]
