@@ -308,3 +308,35 @@ def test_grad_scaler_inputs(bits):
         assert all(torch.equal(p, q) for p, q in zip(ps, qs))
     assert all((q[~sparsity.get_mask(q)] == 0).all() for q in qs)
     assert [float(compact.state[q]["step"]) for q in qs] == [s + 1 for s in steps]
+
+
+def test_transformers_gpt2_masked_linears():
+    """A GPT-2 from a transformers config with 80%-masked linear layers (Conv1D): compact fp32 AdamW gives the same
+    model as full states over a few steps; 8-bit compact states keep pruned weights at exactly 0."""
+    transformers = pytest.importorskip("transformers")
+    from nnopt import layers
+
+    cfg = transformers.GPT2Config(vocab_size=64, n_positions=32, n_embd=64, n_layer=1, n_head=2,
+                                  resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    models = [transformers.GPT2LMHeadModel(cfg) for _ in range(3)]
+    for m in models[1:]:
+        m.load_state_dict(models[0].state_dict())
+    masks = {name: torch.rand(mod.weight.shape) < 0.2 for name, mod in layers.linear_modules(models[0])}
+    for m in models:
+        for name, mod in layers.linear_modules(m):
+            sparsity.set_mask(mod.weight, masks[name].clone())
+    opts = [nno.AdamW(models[0].parameters(), lr=3e-3),
+            nno.AdamW(models[1].parameters(), lr=3e-3, compact_states=True),
+            nno.AdamW(models[2].parameters(), lr=3e-3, compact_states=True, state_bits=8, min_quant_size=0)]
+    ids = torch.randint(0, 64, (4, 32))
+    for _ in range(3):
+        for m, o in zip(models, opts):
+            o.zero_grad()
+            m(input_ids=ids, labels=ids).loss.backward()
+            o.step()
+    for (_, a), (_, b) in zip(models[0].named_parameters(), models[1].named_parameters()):
+        assert torch.equal(a, b)
+    for name, mod in layers.linear_modules(models[2]):
+        assert (mod.weight[~masks[name]] == 0).all()
+        assert "kept_index" in opts[2].state[mod.weight]
