@@ -144,6 +144,9 @@ class QuantStates:
             merged = {k: param_group.get(k, self.defaults.get(k)) for k in _KEYS}
             if None not in (merged["state_bits"], merged["min_quant_size"], merged["stochastic_rounding"]):
                 check_quant_args(name, *(merged[k] for k in _KEYS), where=f" of param group {gi}")
+            if not isinstance(param_group.get("compact_states", False), bool):
+                raise ValueError(f"{name}: compact_states of param group {gi} must be a bool, got "
+                                 f"{param_group['compact_states']!r}")
         super().add_param_group(param_group)
 
     # -- which path and format -----------------------------------------------------------------------------

@@ -263,6 +263,8 @@ def test_bad_input():
     ps = masked_params()
     with pytest.raises(ValueError, match="compact_states must be a bool"):
         nno.AdamW(ps, compact_states=1)
+    with pytest.raises(ValueError, match="compact_states of param group 0 must be a bool"):
+        nno.AdamW([{"params": ps, "compact_states": "yes"}])
     opt = nno.AdamW(ps, lr=1e-2, compact_states=True)
     before = [p.detach().clone() for p in ps]
     ps[0].grad = torch.randn_like(ps[0])
