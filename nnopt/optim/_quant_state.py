@@ -109,7 +109,8 @@ class QuantStates:
     ``block_size`` (power of two in [32, 4096]; default 256 at 8 bits, 128 at 4), ``min_quant_size`` (default
     4096: smaller tensors keep 32-bit states, as bitsandbytes), ``stochastic_rounding`` (bf16 parameters without
     masters are rounded stochastically, reproducibly: the stream is seeded from torch's RNG at construction and
-    advanced each step).
+    advanced each step), ``compact_states`` (masked parameters keep states only for their kept entries, packed,
+    with a 4-bit gap-coded ``kept_index``; remapped when the mask changes; see nnopt/optim/_compact_state.py).
     """
 
     def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_size=4096,
