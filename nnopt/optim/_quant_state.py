@@ -25,6 +25,7 @@ import warnings
 import torch
 
 from nnopt import backends, sparsity
+from nnopt.optim._compact_state import decode_index, encode_index
 from nnopt.optim._fused import _Bucket, _dtensor_type
 from nnopt.reference import quant_optim as qref
 
@@ -108,22 +109,35 @@ class QuantStates:
     ``block_size`` (power of two in [32, 4096]; default 256 at 8 bits, 128 at 4), ``min_quant_size`` (default
     4096: smaller tensors keep 32-bit states, as bitsandbytes), ``stochastic_rounding`` (bf16 parameters without
     masters are rounded stochastically, reproducibly: the stream is seeded from torch's RNG at construction and
-    advanced each step).
+    advanced each step), ``compact_states`` (masked parameters keep states only for their kept entries, packed,
+    with a 4-bit gap-coded ``kept_index``; remapped when the mask changes; see nnopt/optim/_compact_state.py).
     """
 
     def __init__(self, params, defaults, *, state_bits=32, block_size=None, min_quant_size=4096,
-                 stochastic_rounding=False, **kwargs):
-        check_quant_args(type(self).__name__, state_bits, block_size, min_quant_size, stochastic_rounding)
+                 stochastic_rounding=False, compact_states=False, **kwargs):
+        name = type(self).__name__
+        check_quant_args(name, state_bits, block_size, min_quant_size, stochastic_rounding)
+        if not isinstance(compact_states, bool):
+            raise ValueError(f"{name}: compact_states must be a bool, got {compact_states!r}")
         defaults = dict(defaults, state_bits=state_bits, block_size=block_size, min_quant_size=min_quant_size,
-                        stochastic_rounding=stochastic_rounding,
+                        stochastic_rounding=stochastic_rounding, compact_states=compact_states,
                         sr_seed=int(torch.randint(0, 2**31 - 1, ())) if stochastic_rounding else 0, sr_step=0)
         super().__init__(params, defaults, **kwargs)
+        self._compact_seen = {}
+        for gi, group in enumerate(self.param_groups):
+            if group["compact_states"] and not any(sparsity.get_mask(p) is not None for p in group["params"]):
+                warnings.warn(f"{name}: compact_states=True but no parameter of param group {gi} has a mask "
+                              "(nnopt.sparsity.set_mask); its states stay full", stacklevel=3)
 
-    _NNOPT_KEYS = ("l1", "master_weights", "backend") + _KEYS
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        self._compact_seen = {}
+
+    _NNOPT_KEYS = ("l1", "master_weights", "backend", "compact_states") + _KEYS
 
     def _group_defaults(self):
         return dict(super()._group_defaults(), state_bits=32, block_size=None, min_quant_size=4096,
-                    stochastic_rounding=False, sr_seed=0, sr_step=0)
+                    stochastic_rounding=False, compact_states=False, sr_seed=0, sr_step=0)
 
     def add_param_group(self, param_group):
         name, gi = type(self).__name__, len(self.param_groups)
@@ -131,6 +145,9 @@ class QuantStates:
             merged = {k: param_group.get(k, self.defaults.get(k)) for k in _KEYS}
             if None not in (merged["state_bits"], merged["min_quant_size"], merged["stochastic_rounding"]):
                 check_quant_args(name, *(merged[k] for k in _KEYS), where=f" of param group {gi}")
+            if not isinstance(param_group.get("compact_states", False), bool):
+                raise ValueError(f"{name}: compact_states of param group {gi} must be a bool, got "
+                                 f"{param_group['compact_states']!r}")
         super().add_param_group(param_group)
 
     # -- which path and format -----------------------------------------------------------------------------
@@ -179,8 +196,10 @@ class QuantStates:
     # -- plan building ------------------------------------------------------------------------------------
 
     def _trace_supported(self):
-        # the traced step launches the fp32-state kernels: quantized states and stochastic rounding run eagerly
-        return all(g["state_bits"] == 32 and not g["stochastic_rounding"] for g in self.param_groups)
+        # the traced step launches the fp32-state kernels: quantized or compact states and stochastic rounding run
+        # eagerly
+        return all(g["state_bits"] == 32 and not g["stochastic_rounding"] and not g["compact_states"]
+                   for g in self.param_groups)
 
     def _fingerprint(self, group, has, dtensor=None):
         objs, config = super()._fingerprint(group, has, dtensor)
@@ -301,6 +320,178 @@ class QuantStates:
         for dst, src in writeback:
             dst.copy_(src)
 
+    # -- compact states (states of kept entries only; see nnopt/optim/_compact_state.py) --------------------
+
+    def _is_compact(self, group, p):
+        return group["compact_states"] and sparsity.get_mask(p) is not None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Performs one optimization step; ``closure`` re-evaluates the model and returns the loss.
+
+        Parameters with compact states run after the others, on packed copies of their kept entries."""
+        if not any(g["compact_states"] for g in self.param_groups):
+            # compact states can outlive the option (a group switched off): look for them once it was ever on,
+            # so that optimizers that never used it pay no scan of their states per step
+            if not getattr(self, "_compact_seen", False) or not any("kept_index" in st for st in self.state.values()):
+                return super().step(closure)
+        self._compact_seen = True
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        name = type(self).__name__
+        dtensor = _dtensor_type()
+        work, hidden = [], []
+        for gi, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                st = self.state.get(p)
+                if not self._is_compact(group, p):
+                    if st and "kept_index" in st:
+                        self._expand(group, p, st)  # the mask was removed: back to full states
+                    continue
+                if p.grad is None:
+                    continue
+                self._validate(gi, i, p, p.grad)
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{name}: parameter {i} of param group {gi} has a sparse gradient; "
+                                       "compact_states needs dense gradients")
+                if dtensor is not None and isinstance(p, dtensor):
+                    raise TypeError(f"{name}: parameter {i} of param group {gi} is a DTensor; compact_states "
+                                    "supports plain tensors only")
+                work.append((gi, i, group, p, p.grad))
+        for _, _, _, p, g in work:
+            hidden.append((p, g))
+            p.grad = None
+        try:
+            super().step()
+        finally:
+            for p, g in hidden:
+                p.grad = g
+        found_inf = getattr(self, "found_inf", None)
+        if not work or (found_inf is not None and bool(found_inf.item() != 0)):
+            return loss
+        grad_scale = getattr(self, "grad_scale", None)
+        for gi, group in enumerate(self.param_groups):
+            mine = [w for w in work if w[0] == gi]
+            if not mine:
+                continue
+            if group["stochastic_rounding"] and all(p.grad is None or self._is_compact(group, p)
+                                                    for p in group["params"]):
+                group["sr_step"] += 1  # the fused path did not run for this group
+            for _, i, _, p, g in mine:
+                self._compact_step(gi, i, group, p, g, grad_scale, found_inf)
+        return loss
+
+    def _compact_step(self, gi, i, group, p, g, grad_scale, found_inf):
+        mask = sparsity.get_mask(p)
+        st = self.state[p]
+        fresh = self._compact_sync(gi, i, group, p, mask, st)
+        if self._has_step:
+            st["step"] += 1
+        # One nonzero over the mask, then index_select / index_copy_: ~4x cheaper than boolean indexing twice
+        # plus masked_scatter_ (the positions live only during the step).
+        pos = mask.reshape(-1).nonzero().reshape(-1)
+        if pos.numel() == 0:
+            return
+        flat = p.detach().view(-1) if p.is_contiguous() else None
+        pk = (flat if flat is not None else p.detach().reshape(-1)).index_select(0, pos)
+        gk = g.reshape(-1).index_select(0, pos)
+        count = (st["step"].reshape(1), False) if self._has_step else None
+        extra = self._bucket_extra(group, st)
+        if self._op == "sgd_step" and extra is not None:
+            extra = not fresh
+        masters = [st["master_param"]] if "master_param" in st else []
+        bits = self._qbits(pk, group)
+        if bits is not None:
+            slots = [([st[n]], [st[n + "_absmax"]] if bits in (8, 4) else []) if n is not None else ([], [])
+                     for n in self._state_lists(group)]
+            b = _QBucket(p.device, extra, [0], count, [pk], slots, masters, [], bits, block_of(group))
+            self._qlaunch(group, b, [gk], grad_scale, found_inf)
+        else:
+            names = self._state_lists(group)
+            lists = {"params": [pk], "masters": masters, "masks": []}
+            lists.update({n: [st[n]] for n in names if n is not None})
+            b = _Bucket(p.device, extra, [0], count, lists, names, [])
+            self._launch(group, None, b, [gk], grad_scale, found_inf)
+        # Pruned entries are not written: they hold 0 by the mask contract (set_mask zeroes them).
+        if flat is not None:
+            flat.index_copy_(0, pos, pk)
+        else:
+            p.detach().masked_scatter_(mask, pk)
+
+    def _compact_sync(self, gi, i, group, p, mask, st):
+        """Makes ``st`` hold packed states for ``mask`` in the group's format; True when the states were created
+        now (SGD's first momentum step). Remaps them when the mask changed since they were packed."""
+        seen = self._compact_seen.get(p)
+        if seen is not None and seen[0] is mask and seen[1] == mask._version and "kept_index" in st:
+            return False
+        where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+        if self._has_step:  # a count of its own, on the host (a loaded one may be shared with its checkpoint)
+            st["step"] = (st["step"].detach().to("cpu", torch.float32).clone() if "step" in st
+                          else torch.tensor(0.0, dtype=torch.float32))
+        flat = mask.reshape(-1)
+        index = encode_index(mask)
+        old = st.get("kept_index")
+        old_pos = decode_index(old.to(p.device)) if old is not None else None
+        if old_pos is not None and old_pos.numel() and int(old_pos[-1]) >= p.numel():
+            raise ValueError(f"{where}: its kept_index addresses entries beyond the parameter's {p.numel()}")
+        pk = p.detach()[mask]
+        target = self._format(pk, group)
+        slots = self._slots(group)
+        present = [n for n, _ in slots if n in st]
+        same = old is not None and torch.equal(old.to(index.device), index)
+        if same and all(detect(st, n, pk.numel(), where) == target for n in present) and len(present) == len(slots):
+            self._compact_seen[p] = (mask, mask._version)
+            return False
+        fill = float(group.get("initial_accumulator_value", 0.0)) if self._op == "adagrad_step" else 0.0
+        n_old = old_pos.numel() if old_pos is not None else p.numel()
+        ref = torch.empty(n_old, device="meta")
+        fresh = len(present) == 0 and self._op == "sgd_step"
+        for name, signed in slots:
+            if name not in st and self._op == "sgd_step":
+                continue  # SGD's buffer is created below (the first momentum step sets it to the gradient)
+            full = torch.full((p.numel(),), fill, dtype=torch.float32, device=p.device)
+            if name in st:
+                value = read_float(st, name, detect(st, name, n_old, where), ref, signed).to(p.device)
+                if old_pos is None:
+                    full = value
+                else:
+                    full[old_pos] = value
+            write(st, name, target, pk, full[flat].contiguous(), signed, True)
+        if self._op == "sgd_step" and group.get("momentum", 0) != 0 and "momentum_buffer" not in st:
+            write(st, "momentum_buffer", target, pk, torch.zeros(pk.numel(), device=p.device), True, True)
+            fresh = True
+        if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
+            full = p.detach().reshape(-1).float().clone()
+            m = st.get("master_param")
+            if m is not None:
+                if old_pos is None:
+                    full = m.reshape(-1).float()
+                else:
+                    full[old_pos] = m.reshape(-1).float()
+            st["master_param"] = full[flat].contiguous()
+        st["kept_index"] = index
+        self._compact_seen[p] = (mask, mask._version)
+        return fresh
+
+    def _expand(self, group, p, st):
+        """Replaces packed states by full ones (zeros at the entries the packed states do not hold)."""
+        pos = decode_index(st.pop("kept_index").to(p.device))
+        ref = torch.empty(pos.numel(), device="meta")
+        where = f"{type(self).__name__}: a parameter with compact states"
+        for name, signed in self._slots(group):
+            if name in st:
+                full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
+                full[pos] = read_float(st, name, detect(st, name, pos.numel(), where), ref, signed).to(p.device)
+                write(st, name, ("f", self._state_dtype(p, group)), p, full, signed, False)
+        if "master_param" in st:
+            full = p.detach().reshape(-1).float().clone()
+            full[pos] = st["master_param"].reshape(-1).float()
+            st["master_param"] = full.view(p.shape).clone()
+        self._compact_seen.pop(p, None)
+        self._plans = {}
+
     # -- checkpoints ---------------------------------------------------------------------------------------
 
     def load_state_dict(self, state_dict):
@@ -321,10 +512,21 @@ class QuantStates:
             for i, p in enumerate(group["params"]):
                 if p in saved:
                     where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+                    numel = p.numel()
+                    if "kept_index" in saved[p]:
+                        idx = saved[p]["kept_index"]
+                        if idx.dtype != torch.uint8 or idx.dim() != 1:
+                            raise ValueError(f"{where}: kept_index must be a 1-D uint8 tensor, got {idx.dtype} "
+                                             f"{tuple(idx.shape)}")
+                        pos = decode_index(idx)
+                        if pos.numel() and int(pos[-1]) >= p.numel():
+                            raise ValueError(f"{where}: its kept_index addresses entries beyond the parameter's "
+                                             f"{p.numel()}")
+                        numel = pos.numel()
                     for name, _ in self._slots(group):
                         if name in saved[p]:
-                            detect(saved[p], name, p.numel(), where)
-        current = [{k: g[k] for k in _KEYS + ("sr_seed", "sr_step")} for g in self.param_groups]
+                            detect(saved[p], name, numel, where)
+        current = [{k: g[k] for k in _KEYS + ("sr_seed", "sr_step", "compact_states")} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, cur, sg in zip(self.param_groups, current, state_dict["param_groups"]):
             group.update(cur)
@@ -335,6 +537,17 @@ class QuantStates:
                 st = self.state.get(p)
                 if not st or p not in saved:
                     continue
+                if "kept_index" in saved[p]:
+                    # Packed states are restored as saved; the next step repacks them for the current mask and
+                    # format (compact_states), or they are expanded to full states here.
+                    for k, v in saved[p].items():
+                        st[k] = v.detach().to(p.device).clone()
+                    if "step" in st:
+                        st["step"] = st["step"].clone()  # torch's loader may share it with the checkpoint
+                    if not self._is_compact(group, p):
+                        self._expand(group, p, st)
+                        self._conform(gi, i, group, p, st)
+                    continue
                 for name, _ in self._slots(group):
                     for k in (name, name + "_absmax"):
                         v = saved[p].get(k)
@@ -343,6 +556,7 @@ class QuantStates:
                             st[k] = v.detach().to(p.device).clone()  # as saved: torch's loader casts floats
                 self._conform(gi, i, group, p, st)
         self._plans = {}
+        self._compact_seen = {}
 
 
 class _QBucket(_Bucket):
@@ -373,11 +587,20 @@ def dequantized_state_dict(opt):
                 continue
             s = dict(s)
             where = f"dequantized_state_dict: parameter {i} of param group {gi}"
+            pos = decode_index(s.pop("kept_index").to(p.device)) if "kept_index" in s else None
+            ref = p if pos is None else torch.empty(pos.numel(), device="meta")
             for name, signed in opt._slots(group):
                 if name in s:
-                    fmt = detect(s, name, p.numel(), where)
-                    s[name] = read_float(s, name, fmt, p, signed).view(p.shape).clone()
+                    fmt = detect(s, name, ref.numel(), where)
+                    value = read_float(s, name, fmt, ref, signed).to(p.device)
+                    if pos is not None:  # compact states: zeros at the entries they do not hold
+                        value = torch.zeros(p.numel(), device=p.device).index_copy_(0, pos, value)
+                    s[name] = value.view(p.shape).clone()
                     s.pop(name + "_absmax", None)
+            if pos is not None and "master_param" in s:
+                full = p.detach().reshape(-1).float().clone()
+                full[pos] = s["master_param"].reshape(-1).float()
+                s["master_param"] = full.view(p.shape)
             state[pid] = s
     groups = [{k: v for k, v in g.items() if k not in _KEYS + ("sr_seed", "sr_step")} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
