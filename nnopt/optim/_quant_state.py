@@ -333,9 +333,9 @@ class QuantStates:
         if not any(g["compact_states"] for g in self.param_groups):
             # compact states can outlive the option (a group switched off): look for them once it was ever on,
             # so that optimizers that never used it pay no scan of their states per step
-            if not getattr(self, "_compact_seen", False) or not any("kept_index" in st for st in self.state.values()):
+            if not getattr(self, "_compact_used", False) or not any("kept_index" in st for st in self.state.values()):
                 return super().step(closure)
-        self._compact_seen = True
+        self._compact_used = True
         loss = None
         if closure is not None:
             with torch.enable_grad():
