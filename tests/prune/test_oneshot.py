@@ -442,3 +442,15 @@ def test_bfloat16_model(method):
     held_pattern(m.weight_mask, "2:4", None)
     assert (m.weight[~m.weight_mask] == 0).all()
     model.generate(torch.randint(0, 256, (1, 4)), max_new_tokens=2, do_sample=False)
+
+
+def test_sparsegpt_lowest_is_the_stable_sort_choice():
+    from nnopt.prune.sparsegpt import _lowest
+
+    torch.manual_seed(0)
+    for values in (torch.randn(37, 12), torch.randint(0, 4, (37, 12)).float()):  # ties: the lower index first
+        values[:, :2] = -1.0  # entries an earlier mask pruned
+        for count in range(0, values.numel() + 1, 7):
+            want = torch.zeros(values.numel(), dtype=torch.bool)
+            want[torch.sort(values.flatten(), stable=True).indices[:count]] = True
+            assert torch.equal(_lowest(values, count), want.reshape(values.shape)), count
