@@ -34,9 +34,12 @@ OWL = (5, 0.08)  # the OWL paper's M and lambda
 ONESHOT = {"wanda": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p),
            "wanda (layer)": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p, comparison="layer"),
            "sparsegpt": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p),
+           "sparsegpt (bf16 H)": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p,
+                                                                   hessian_dtype=torch.bfloat16),
            "wanda+owl": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p, owl=OWL),
            "sparsegpt+owl": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p, owl=OWL)}
 TEXT_METHODS = METHODS + ("wanda+owl", "sparsegpt+owl")
+RECON_METHODS = METHODS + ("sparsegpt (bf16 H)",)
 
 
 def magnitude(model, pattern, sparsity):
@@ -166,24 +169,29 @@ def run_recon(args):
     rows = []
     for label, pattern, sparsity in SETTINGS:
         row = {"setting": label}
-        for method in METHODS:
+        masks = {}
+        for method in RECON_METHODS:
             model = torch.nn.Sequential(torch.nn.Linear(k, out, bias=False))
             model[0].weight.data.copy_(layer.weight)
             if method == "magnitude":
                 magnitude(model, pattern, sparsity)
             else:
                 ONESHOT[method](model, list(x.split(1024)), sparsity, pattern)
+            masks[method] = model[0].weight_mask
             with torch.no_grad():
                 row[method] = float((x @ layer.weight.T - model(x)).norm())
+        row["bf16 H / fp32 H"] = row["sparsegpt (bf16 H)"] / row["sparsegpt"]
+        row["bf16 H mask agreement"] = float((masks["sparsegpt"] == masks["sparsegpt (bf16 H)"]).float().mean())
         row["wanda / magnitude"] = row["wanda"] / row["magnitude"]
         row["wanda (layer) / magnitude"] = row["wanda (layer)"] / row["magnitude"]
         row["sparsegpt / magnitude"] = row["sparsegpt"] / row["magnitude"]
         rows.append(row)
     body = (f"One {out}×{k} layer, 8192 calibration tokens with features driven by 32 shared factors plus noise, "
             "log-normal scales (std 0.75): output error ||XWᵀ − XŴᵀ|| (bars at 50% and 2:4: SparseGPT <= 0.5x "
-            "magnitude, Wanda <= 0.8x).\n\n" + harness.table(rows, ["setting", *METHODS, "wanda / magnitude",
-                                                              "wanda (layer) / magnitude",
-                                                              "sparsegpt / magnitude"]))
+            "magnitude, Wanda <= 0.8x). 'sparsegpt (bf16 H)': hessian_dtype=torch.bfloat16; mask agreement: the "
+            "fraction of entries whose keep/prune decision equals the float32 Hessian's.\n\n"
+            + harness.table(rows, ["setting", *RECON_METHODS, "wanda / magnitude", "wanda (layer) / magnitude",
+                                   "sparsegpt / magnitude", "bf16 H / fp32 H", "bf16 H mask agreement"]))
     print(body)
     harness.append_results("bench_oneshot recon: one-layer reconstruction error", body)
 
@@ -191,9 +199,10 @@ def run_recon(args):
 def run_speed(args):
     """One 4096×4096 Linear, 128 batches of 2048 tokens (8 distinct batches cycled: same work, less memory).
 
-    Wanda runs whole (median of ``repeats``); SparseGPT's parts run once each (the Hessian alone costs about a
-    minute here). Then the kernels side by side: the C++ column-block update against the torch loop on one
-    4096×128 block, and Wanda's k-th-value selection against a stable sort."""
+    Wanda runs whole (median of ``repeats``); SparseGPT's parts run once each, with the float32 and the bfloat16
+    Hessian (the float32 Hessian alone costs 20-90 s here, with the load). Then the kernels side by side: the
+    C++ column-block update against the torch loop on one 4096×128 block, and Wanda's k-th-value selection
+    against a stable sort."""
     import statistics
 
     from nnopt import backends
@@ -216,22 +225,33 @@ def run_speed(args):
     rows.append({"method": "wanda", "part": "whole call (statistics + scores + selection)",
                  "seconds": statistics.median(times)})
     w = base.weight.detach().float()
-    t0 = time.perf_counter()
-    s = Stats("hessian", k, "cpu")
-    for x in calibration:
-        s.add(x)
-    value = s.finish()
-    rows.append({"method": "sparsegpt", "part": "Hessian XᵀX (upper triangle, fp32)",
-                 "seconds": time.perf_counter() - t0})
-    t0 = time.perf_counter()
-    upper, dead = inverse_hessian_factor(value, 0.01)
-    rows.append({"method": "sparsegpt", "part": "damp + Cholesky + inverse + Cholesky",
-                 "seconds": time.perf_counter() - t0})
-    t0 = time.perf_counter()
-    sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
-    rows.append({"method": "sparsegpt", "part": "mask selection + column-block updates (cpu kernel)",
-                 "seconds": time.perf_counter() - t0})
-    rows.append({"method": "sparsegpt", "part": "total", "seconds": sum(r["seconds"] for r in rows[1:])})
+    keeps, news = {}, {}
+    for hdt in args.hessian_dtypes:
+        label = f"sparsegpt, hessian_dtype={str(hdt).replace('torch.', '')}"
+        first = len(rows)
+        t0 = time.perf_counter()
+        s = Stats("hessian", k, "cpu", hdt)
+        for x in calibration:
+            s.add(x)
+        value = s.finish()
+        rows.append({"method": label, "part": "Hessian XᵀX (upper triangle)", "seconds": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        upper, dead = inverse_hessian_factor(value, 0.01)
+        rows.append({"method": label, "part": "damp + Cholesky + inverse + Cholesky",
+                     "seconds": time.perf_counter() - t0})
+        t0 = time.perf_counter()
+        news[hdt], keeps[hdt] = sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
+        rows.append({"method": label, "part": "mask selection + column-block updates (cpu kernel)",
+                     "seconds": time.perf_counter() - t0})
+        rows.append({"method": label, "part": "total", "seconds": sum(r["seconds"] for r in rows[first:])})
+        del value, upper
+    compare = ""
+    if len(news) == 2:
+        agree = float((keeps[torch.float32] == keeps[torch.bfloat16]).float().mean())
+        xe = distinct[0].float()
+        err = {d: float((xe @ (w - news[d]).T).norm()) for d in news}
+        compare = (f" bf16 against fp32 Hessian on this layer (i.i.d. Gaussian inputs): mask agreement {agree:.4f}, "
+                   f"output error on one batch {err[torch.bfloat16] / err[torch.float32]:.4f}x.")
     x = distinct[0].float()
     h = torch.zeros(k, k)
     gemm = harness.time_providers({"gemm": lambda: h.addmm_(x.T, x)}, "cpu", repeats=3, inner=1)["gemm"]
@@ -260,7 +280,8 @@ def run_speed(args):
     body = (f"One {k}×{k} Linear ({args.dtype}), calibration {args.batches}×{args.tokens} tokens, 50% unstructured. "
             f"For scale: one {args.tokens}×{k} XᵀX GEMM (fp32) takes {gemm:.3f} s here, so a full Hessian costs "
             f"{args.batches}×that = {args.batches * gemm:.1f} s (nnopt computes its upper triangle: ~0.6x). "
-            f"Shared, heavily loaded machine (load average {os.getloadavg()[0]:.1f} on 2 cores).\n\n"
+            f"Shared machine (load average {os.getloadavg()[0]:.1f} on 2 cores), {torch.get_num_threads()} torch "
+            f"threads.{compare}\n\n"
             + harness.table(rows, ["method", "part", "seconds"]) + "\n\nKernels against torch's own ops "
             "(medians of 3, interleaved; the second row's baseline is a stable sort):\n\n"
             + harness.table(kernel_rows, ["op", "nnopt", "seconds", "torch loop s", "speedup"]))
@@ -341,12 +362,16 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--method", default="sparsegpt")
+    p.add_argument("--hessian-dtype", default="both", choices=["float32", "bfloat16", "both"],
+                   help="speed: SparseGPT's Hessian dtype(s) to time")
     p.add_argument("--atomic", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
+    args.hessian_dtypes = ((torch.float32, torch.bfloat16) if args.hessian_dtype == "both"
+                           else (getattr(torch, args.hessian_dtype),))
     if args.plot and not args.plot.endswith(".png"):
         p.error("--plot must name a .png file")
     if args.part == "text":
