@@ -123,6 +123,25 @@ def test_dw(backend, case):
     check_dw(fns, dy, x, mask, layout)
 
 
+@pytest.mark.parametrize("kind", ["tiles", "random-0.05", "empty"])
+def test_dw_large_fresh_output(kind):
+    """A dW of >= 16 MiB (the CPU kernel maps it fresh and writes only the tiles, relying on the OS's zeroed pages):
+    equal to the reference, exactly 0 off the mask, and an ordinary tensor afterwards (in-place ops, accumulation
+    into a .grad, freed and remapped by the next call without stale values)."""
+    fns = impl("cpu")
+    n, k = 2048 + 17, 2048 + 5  # > 16 MiB in fp32, clipped edge tiles
+    for _ in range(2):  # the second call may reuse the first one's address range: still zeros off the tiles
+        x, _, mask, _, dy, layout = make(kind, 32, 32, 3, n=n, k=k)
+        check_dw(fns, dy, x, mask, layout)
+    got = fns.masked_linear_dw(dy, x, mask, layout)
+    got.mul_(2).add_(1)
+    assert (got[~mask] == 1).all()
+    w = torch.nn.Parameter(torch.zeros(n, k))
+    w.grad = got
+    w.grad += fns.masked_linear_dw(dy, x, mask, layout)
+    del got, w
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_other_dtypes(backend, dtype):
