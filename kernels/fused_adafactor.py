@@ -60,10 +60,9 @@ def _tile_setup(tiles, tensors, inf_ptr, P_DTYPE: tl.constexpr, S_DTYPE: tl.cons
     R = tl.load(row + 7)
     C = tl.load(row + 8)
     factored = tl.load(row + 9) != 0
-    ok = True
-    if HAS_INF:
-        ok = tl.load(inf_ptr) == 0
-    return pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored, ok
+    if HAS_INF:  # a skipped step: empty tiles, so nothing is stored
+        r1 = tl.where(tl.load(inf_ptr) != 0, r0, r1)
+    return pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored
 
 
 @triton.jit
@@ -105,7 +104,7 @@ def _stats_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, colpart_ptr, ppart
                   S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr):
-    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored, ok = _tile_setup(
+    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored = _tile_setup(
         tiles, tensors, inf_ptr, P_DTYPE, S_DTYPE, HAS_MASTER, HAS_MASK, HAS_INF)
     col_off = tl.load(tiles + _TILE_COLS * pid + 3)
     w = tl.load(sc_ptr).to(CD)
@@ -128,7 +127,7 @@ def _stats_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, colpart_ptr, ppart
     tl.store(ppart_ptr + pid, tl.sum(tl.sum(pacc, 1), 0).to(tl.float64))
     if factored:
         rv = tl.load(rv_ptr + rows, mask=rmask, other=0.0).to(CD)
-        tl.store(rv_ptr + rows, cast(lerp(rv, _mean_sq(rs, C, CD), w), S_DTYPE), mask=rmask & ok)
+        tl.store(rv_ptr + rows, cast(lerp(rv, _mean_sq(rs, C, CD), w), S_DTYPE), mask=rmask)
 
 
 @triton.jit
@@ -144,12 +143,12 @@ def _columns_kernel(mats, tiles, tensors, sc_ptr, inf_ptr, colpart_ptr, rmean_pt
     cv_ptr = tl.load(row + 5).to(tl.pointer_type(S_DTYPE))
     R = tl.load(row + 7)
     C = tl.load(row + 8)
-    ok = True
-    if HAS_INF:
-        ok = tl.load(inf_ptr) == 0
+    c_end = C
+    if HAS_INF:  # a skipped step stores no column
+        c_end = tl.where(tl.load(inf_ptr) != 0, 0, C)
     w = tl.load(sc_ptr).to(CD)
     eps1 = tl.load(sc_ptr + 3).to(CD)
-    for c0 in range(0, C, BC):
+    for c0 in range(0, c_end, BC):
         cols = c0 + tl.arange(0, BC).to(tl.int64)
         cm = cols < C
         acc = tl.zeros((BC,), CD)
@@ -157,7 +156,7 @@ def _columns_kernel(mats, tiles, tensors, sc_ptr, inf_ptr, colpart_ptr, rmean_pt
             off = tl.load(tiles + _TILE_COLS * k + 3)
             acc += tl.load(colpart_ptr + off + cols, mask=cm, other=0.0)
         cv = tl.load(cv_ptr + b * C + cols, mask=cm, other=0.0).to(CD)
-        tl.store(cv_ptr + b * C + cols, cast(lerp(cv, _mean_sq(acc, R, CD), w), S_DTYPE), mask=cm & ok)
+        tl.store(cv_ptr + b * C + cols, cast(lerp(cv, _mean_sq(acc, R, CD), w), S_DTYPE), mask=cm)
     racc = tl.zeros((BC,), CD)
     for q in range(0, R, BC):
         rr = q + tl.arange(0, BC).to(tl.int64)
@@ -168,7 +167,7 @@ def _columns_kernel(mats, tiles, tensors, sc_ptr, inf_ptr, colpart_ptr, rmean_pt
 
 @triton.jit
 def _tile_update(p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, rows, rmask, c0, C, numel, R, r0, factored, rm, w,
-                 eps1_sq, ok, scale_ptr, CD: tl.constexpr, S_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
+                 eps1_sq, scale_ptr, CD: tl.constexpr, S_DTYPE: tl.constexpr, HAS_MASTER: tl.constexpr,
                  HAS_MASK: tl.constexpr, HAS_SCALE: tl.constexpr, MAXIMIZE: tl.constexpr, STORE_VAR: tl.constexpr,
                  BC: tl.constexpr):
     """One [BR, BC] block: (p, u, keep, idx, m); vectors update their variance when STORE_VAR, else read it."""
@@ -188,7 +187,7 @@ def _tile_update(p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, rows, rmask, c0, C,
             var = lerp(var, g * g, w)
             if HAS_MASK:
                 var = tl.where(keep, var, 0.0)
-            tl.store(rv_ptr + idx, cast(var, S_DTYPE), mask=m & ok)
+            tl.store(rv_ptr + idx, cast(var, S_DTYPE), mask=m)
     u = tl.where(m, _update(var, g, eps1_sq, CD), 0.0)
     return p, u, keep, idx, m
 
@@ -198,7 +197,7 @@ def _norms_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, rmean_ptr, upart_p
                   S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr):
-    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored, ok = _tile_setup(
+    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored = _tile_setup(
         tiles, tensors, inf_ptr, P_DTYPE, S_DTYPE, HAS_MASTER, HAS_MASK, HAS_INF)
     w = tl.load(sc_ptr).to(CD)
     eps1_sq = tl.load(sc_ptr + 4).to(CD)
@@ -208,7 +207,7 @@ def _norms_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, rmean_ptr, upart_p
     uacc = tl.zeros((BR, BC), CD)
     for c0 in range(0, C, BC):
         p, u, keep, idx, m = _tile_update(p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, rows, rmask, c0, C, numel, R,
-                                          r0, factored, rm, w, eps1_sq, ok, scale_ptr, CD, S_DTYPE, HAS_MASTER,
+                                          r0, factored, rm, w, eps1_sq, scale_ptr, CD, S_DTYPE, HAS_MASTER,
                                           HAS_MASK, HAS_SCALE, MAXIMIZE, True, BC)
         uacc += u * u
     tl.store(upart_ptr + pid, tl.sum(tl.sum(uacc, 1), 0).to(tl.float64))
@@ -219,7 +218,7 @@ def _apply_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, rmean_ptr, coef_pt
                   S_DTYPE: tl.constexpr, CD: tl.constexpr, HAS_MASTER: tl.constexpr, HAS_MASK: tl.constexpr,
                   HAS_SCALE: tl.constexpr, HAS_INF: tl.constexpr, MAXIMIZE: tl.constexpr, BR: tl.constexpr,
                   BC: tl.constexpr):
-    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored, ok = _tile_setup(
+    pid, t, r0, r1, mat, p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, numel, R, C, factored = _tile_setup(
         tiles, tensors, inf_ptr, P_DTYPE, S_DTYPE, HAS_MASTER, HAS_MASK, HAS_INF)
     w = tl.load(sc_ptr).to(CD)
     decay = tl.load(sc_ptr + 1).to(CD)
@@ -231,7 +230,7 @@ def _apply_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, rmean_ptr, coef_pt
     rmask = rows < r1
     for c0 in range(0, C, BC):
         p, u, keep, idx, m = _tile_update(p_ptr, g_ptr, w_ptr, k_ptr, rv_ptr, cv_ptr, rows, rmask, c0, C, numel, R,
-                                          r0, factored, rm, w, eps1_sq, ok, scale_ptr, CD, S_DTYPE, HAS_MASTER,
+                                          r0, factored, rm, w, eps1_sq, scale_ptr, CD, S_DTYPE, HAS_MASTER,
                                           HAS_MASK, HAS_SCALE, MAXIMIZE, False, BC)
         p = tl.fma(coef, u, p * decay)
         shrunk = tl.maximum(tl.abs(p) - l1_thr, 0.0)
@@ -239,8 +238,8 @@ def _apply_kernel(tiles, tensors, sc_ptr, scale_ptr, inf_ptr, rmean_ptr, coef_pt
         if HAS_MASK:
             p = tl.where(keep, p, 0.0)
         if HAS_MASTER:
-            tl.store(w_ptr + idx, p.to(tl.float32), mask=m & ok)
-        tl.store(p_ptr + idx, cast(p, P_DTYPE), mask=m & ok)
+            tl.store(w_ptr + idx, p.to(tl.float32), mask=m)
+        tl.store(p_ptr + idx, cast(p, P_DTYPE), mask=m)
 
 
 # ---------------------------------------------------------------------------------------------------------------

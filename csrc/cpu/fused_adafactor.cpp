@@ -26,7 +26,7 @@
 #include <vector>
 
 #include "nnopt/adafactor_math.h"
-#include "nnopt/optim_checks.h"
+#include "nnopt/adafactor_checks.h"
 
 namespace nnopt {
 namespace {
@@ -39,18 +39,6 @@ constexpr int64_t kItem = 32768;  // elements per work item (at least one whole 
 
 template <typename P>
 using compute_t = std::conditional_t<std::is_same_v<P, double>, double, float>;
-
-// One parameter: pointers, and its geometry (B matrices of R x C when factored; else numel elements).
-struct AfTensor {
-  void* param;
-  const void* grad;
-  float* master;
-  const uint8_t* mask;
-  void* row;  // row_var (B*R entries), or the variance (numel) of a vector parameter
-  void* col;  // col_var (B*C entries); null for a vector parameter
-  int64_t numel, R, C;
-  bool factored;
-};
 
 // Rows [r0, r0 + n) of one matrix (factored), or elements [r0, r0 + n) (vector); `cols` indexes the column buffer.
 struct Item {
@@ -266,9 +254,7 @@ void adafactor_step_cpu(TensorList params, TensorList grads, TensorList row_vars
                         const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& grad_scale,
                         const std::optional<Tensor>& found_inf, const std::optional<Tensor>& step) {
   const char* op = "adafactor_step_";
-  auto ptrs = check_inputs(op, at::kCPU, params, grads, masters, masks, {});
-  check_length(op, "row_vars", row_vars, params.size(), true);
-  check_length(op, "col_vars", col_vars, params.size(), true);
+  std::vector<AfTensor> ts = check_adafactor(op, at::kCPU, params, grads, row_vars, col_vars, masters, masks);
   if (params.empty()) return;
   const at::Device device = params[0].device();
   check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
@@ -276,29 +262,6 @@ void adafactor_step_cpu(TensorList params, TensorList grads, TensorList row_vars
   check_scalar_tensor(op, "found_inf", found_inf, device);
   check_scalar_tensor(op, "step", step, device);
   const bool has_master = !masters.empty(), masked = !masks.empty();
-  std::vector<AfTensor> ts(params.size());
-  for (size_t i = 0; i < params.size(); ++i) {
-    const Tensor& p = params[i];
-    const at::ScalarType sdt = has_master ? at::kFloat : p.scalar_type();
-    const char* rule = has_master ? "states are float32 when masters are given" : "states share the params' dtype";
-    AfTensor& t = ts[i];
-    t.factored = p.dim() >= 2;
-    t.numel = p.numel();
-    t.C = t.factored ? p.size(-1) : 1;
-    t.R = t.factored ? p.size(-2) : 1;
-    const int64_t n_row = t.factored ? (t.R * t.C == 0 ? 0 : t.numel / t.C) : t.numel;
-    const int64_t n_col = t.factored ? (t.R * t.C == 0 ? 0 : t.numel / t.R) : 0;
-    check_tensor(op, "row_vars", i, row_vars[i], device, sdt, rule, n_row);
-    check_tensor(op, "col_vars", i, col_vars[i], device, sdt, rule, n_col);
-    TORCH_CHECK(!has_master || p.scalar_type() == at::kBFloat16 || p.scalar_type() == at::kHalf, "nnopt::", op,
-                ": params[", i, "] has dtype ", p.scalar_type(), "; masters are for bfloat16/float16 params");
-    t.param = ptrs[i].param;
-    t.grad = ptrs[i].grad;
-    t.master = ptrs[i].master;
-    t.mask = ptrs[i].mask;
-    t.row = row_vars[i].data_ptr();
-    t.col = t.factored ? col_vars[i].data_ptr() : nullptr;
-  }
   if (found_inf.has_value() && found_inf->item<double>() != 0) return;
   if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
   AdafactorArgs a{lr, beta2_decay, eps1, eps2, d, weight_decay, l1,

@@ -83,5 +83,6 @@ class Adafactor(FusedOptimizer):
     def _hyper(self, group, step, dtype):
         eps1, eps2 = group["eps"]
         eps1 = torch.finfo(dtype).eps if eps1 is None else eps1
-        return dict(beta2_decay=float(group["beta2_decay"]), eps1=float(eps1), eps2=float(eps2), d=float(group["d"]), weight_decay=float(group["weight_decay"]),
-                    maximize=bool(group["maximize"]), step_count=float(step))
+        return dict(beta2_decay=float(group["beta2_decay"]), eps1=float(eps1), eps2=float(eps2), d=float(group["d"]),
+                    weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
+                    step_count=float(step))

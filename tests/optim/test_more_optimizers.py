@@ -228,7 +228,7 @@ def test_l1_matches_reference(name, kwargs, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["Adafactor"])
 def test_master_weights(name, backend):
     """bf16 params with fp32 masters, given bf16 gradients, track an fp32 run of the oracle from the same start with
     the same gradients: the master to fp32 rounding, the parameter to its bf16 rounding."""
@@ -253,7 +253,7 @@ def test_master_weights(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["Adafactor"])
 def test_grad_scaler_skips_non_finite_step(name, backend):
     skip_unless_available(backend, "cpu")
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
@@ -419,28 +419,41 @@ def test_muon_bad_arguments_raise_torchs_messages():
         nno.Muon([q]).step()
 
 
-# -- Adafactor: torch.optim.Adafactor's math with the per-tensor reductions batched per shape ---------------------
+# -- Adafactor: torch.optim.Adafactor's math on every backend -------------------------------------------------------
 
 ADAFACTOR_CONFIGS = [
     dict(),
     dict(lr=0.05, weight_decay=0.1, maximize=True, d=1.5, eps=(1e-20, 1e-2), beta2_decay=-0.5),
     dict(lr=torch.tensor(0.003), eps=(1e-6, 1e-3)),
 ]
+AF_IDS = ["defaults", "wd-maximize-d", "tensor-lr"]
 
 
 def adafactor_params():
-    """Equal shapes (batched together), a 0-dim and 1-D ones (full variance), 2-D and 3-D ones (factored)."""
-    shapes = [(), (5,), (17,), (5,), (7, 13), (7, 13), (13, 7), (3, 4, 6), (1, 1)]
-    return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    """Equal shapes, a 0-dim and 1-D ones (full variance), 2-D and 3-D ones (factored), matrices of several tiles
+    (more rows than a Triton tile, longer vectors than a tile row), a transposed and a strided view."""
+    shapes = [(), (5,), (17,), (5,), (7, 13), (7, 13), (13, 7), (3, 4, 6), (1, 1), (37, 70), (200,)]
+    ps = [torch.randn(s) for s in shapes] + [torch.randn(9, 5).t(), torch.randn(6, 10)[:, ::3]]
+    return [torch.nn.Parameter(p) for p in ps]
 
 
-@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS)
-def test_adafactor_matches_torch(kwargs):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS, ids=AF_IDS)
+def test_adafactor_matches_torch(kwargs, backend):
+    skip_unless_available(backend, "cpu")
     ps = adafactor_params()
     qs = clone_params(ps)
-    ours, ref = nno.Adafactor(ps, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
+    ours, ref = nno.Adafactor(ps, backend=backend, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
     run_pair(ours, ref, ps, qs)
     assert_same_state(ours, ref, ps, qs)
+
+
+def test_adafactor_float64():
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(), (5, 3), (33,), (2, 3, 4)]]
+    qs = clone_params(ps)
+    ours, ref = nno.Adafactor(ps, lr=0.01, backend="cpu"), torch.optim.Adafactor(qs, lr=0.01, foreach=False)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
@@ -464,25 +477,55 @@ def test_adafactor_state_dict_round_trip(direction):
     assert_same_state(ours, theirs, p_ours, p_theirs)
 
 
-def test_adafactor_masks_and_grad_scaler():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adafactor_masks_and_grad_scaler(backend):
+    """Masks arriving after the states exist: pruned entries of the parameter and of `variance` exactly 0, every
+    backend equal to the torch backend; a GradScaler step with found_inf changes nothing."""
+    skip_unless_available(backend, "cpu")
     ps = adafactor_params()[1:]
+    kwargs = dict(lr=0.05, weight_decay=0.1)
+    opt = nno.Adafactor(ps, backend=backend, **kwargs)
+    set_grads(ps)
+    opt.step()
     masks = [torch.rand(p.shape) > 0.4 for p in ps]
     for p, m in zip(ps, masks):
         sparsity.set_mask(p, m)
-        with torch.no_grad():
-            p.mul_(m)
-    opt = nno.Adafactor(ps, lr=0.05)
+    qs = clone_params(ps)
+    ref = nno.Adafactor(qs, backend="torch", **kwargs)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, m in zip(qs, masks):
+        sparsity.set_mask(q, m)
     for step in range(4):
-        set_grads(ps)
-        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
+        set_grads(ps, qs)
+        for o in (opt, ref):
+            o.grad_scale, o.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
         before = [p.detach().clone() for p in ps]
+        states = copy.deepcopy(opt.state_dict()["state"])
         opt.step()
+        ref.step()
         if step == 2:
             assert all(torch.equal(a, b) for a, b in zip(before, ps))
+            for k, st in opt.state_dict()["state"].items():
+                assert all(torch.equal(v, states[k][key]) for key, v in st.items())
     for p, m in zip(ps, masks):
         assert (p[~m] == 0).all() and (p[m] != 0).all()
         if "variance" in opt.state[p]:
             assert (opt.state[p]["variance"][~m] == 0).all()
+    for o in (opt, ref):
+        del o.grad_scale, o.found_inf
+    assert_same_state(opt, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_adafactor_l1_matches_reference(backend):
+    skip_unless_available(backend, "cpu")
+    ps = adafactor_params()
+    qs = clone_params(ps)
+    ours = nno.Adafactor(ps, backend=backend, lr=0.05, l1=0.5)
+    ref = nno.Adafactor(qs, backend="torch", lr=0.05, l1=0.5)
+    run_pair(ours, ref, ps, qs, steps=4)
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
 
 
 def test_adafactor_bad_arguments_raise_torchs_messages():
@@ -499,8 +542,9 @@ def test_adafactor_bad_arguments_raise_torchs_messages():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])  # the reference reads found_inf on the host by design
-@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[7], CONFIGS[11]],
-                         ids=[IDS[1], IDS[4], IDS[7], IDS[11]])
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[7], CONFIGS[11],
+                                         ("Adafactor", ADAFACTOR_CONFIGS[1])],
+                         ids=[IDS[1], IDS[4], IDS[7], IDS[11], "Adafactor"])
 def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs, backend, monkeypatch):
     """Step counts (and NAdam's mu_product) kept where the kernels read them, as for CUDA parameters (forced here
     on CPU tensors): under GradScaler a cached-plan step reads none of them, nor found_inf or grad_scale, on the
@@ -572,3 +616,36 @@ def test_muon_device_found_inf_is_never_read_on_the_host(monkeypatch):
     del ours.found_inf
     for p, q in zip(ps, qs):
         assert_close(p.detach(), q.detach())
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_adafactor_op_bad_inputs_name_the_argument(backend):
+    """The op itself: a state of the wrong size or dtype is refused, naming the list and the index, before any
+    tensor changes."""
+    skip_unless_available(backend, "cpu")
+    from nnopt import backends
+
+    op = backends.implementation("fused_optim", backend).adafactor_step
+    p, g = torch.randn(4, 6), torch.randn(4, 6)
+    kw = dict(lr=0.01, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False, l1=0.0,
+              step_count=1.0)
+    before = p.clone()
+    with pytest.raises((RuntimeError, ValueError), match=r"row_vars\[0\]"):
+        op([p], [g], [torch.zeros(4, 2)], [torch.zeros(1, 6)], [], [], **kw)
+    with pytest.raises((RuntimeError, TypeError), match=r"col_vars\[0\]"):
+        op([p], [g], [torch.zeros(4, 1)], [torch.zeros(1, 6, dtype=torch.float64)], [], [], **kw)
+    assert torch.equal(p, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS, ids=AF_IDS)
+def test_adafactor_matches_torch_on_cuda(kwargs, backend):
+    """On a GPU: parity with torch.optim.Adafactor's for-loop path on CUDA tensors (device step counts), 10 steps."""
+    skip_unless_available(backend, "cuda")
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in adafactor_params()]
+    qs = clone_params(ps)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    ours, ref = nno.Adafactor(ps, backend=backend, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
