@@ -981,3 +981,4 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1
 
 
 from .fused_adafactor import adafactor_step  # noqa: E402,F401  (its own file: tiles, not chunks)
+from .fused_muon import muon_momentum, muon_update  # noqa: E402,F401

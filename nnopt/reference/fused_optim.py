@@ -403,3 +403,40 @@ def adafactor_step(params, grads, row_vars, col_vars, masters, masks, *, lr, bet
         _epilogue(i, p, [], lr, l1, params, masters, mask)
         for dst, st in states:
             dst.copy_(st.reshape(dst.shape))
+
+
+# Muon (torch.optim.Muon) around its Newton–Schulz chain, per element: momentum step
+#   g /= grad_scale, 0 where masked;  buf = lerp(buf, g, 1 - momentum) (0 where masked);
+#   update = lerp(g, buf, momentum) (nesterov) or buf, written in the updates' dtype (bf16 for Newton–Schulz);
+# then, on the orthogonalised updates o, the parameter step
+#   p *= 1 - lr*wd;  p += -(lr * lr_ratios[i]) * o;  L1;  0 where masked.
+
+
+def muon_momentum(grads, momentum_buffers, updates, masks, *, momentum, nesterov, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    for i in range(len(grads)):
+        cd = _compute_dtype(grads[i])
+        g = grads[i].to(cd)
+        if grad_scale is not None:
+            g = g / grad_scale.reshape(()).to(cd)
+        mask = masks[i] if masks else None
+        if mask is not None:
+            g = g.masked_fill(~mask, 0)
+        buf = momentum_buffers[i].to(cd).lerp(g, 1 - momentum)
+        if mask is not None:
+            buf = buf.masked_fill(~mask, 0)
+        momentum_buffers[i].copy_(buf)
+        updates[i].copy_(g.lerp(buf, momentum) if nesterov else buf)
+
+
+def muon_update(params, updates, masters, masks, *, lr, weight_decay, lr_ratios, l1, lr_tensor=None,
+                found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    for i in range(len(params)):
+        cd = _compute_dtype(params[i])
+        p = (masters[i] if masters else params[i]).to(cd)
+        p = p.mul(1 - lr * weight_decay).add(updates[i].to(cd), alpha=-(lr * lr_ratios[i]))
+        _epilogue(i, p, [], lr, l1, params, masters, masks[i] if masks else None)

@@ -336,16 +336,17 @@ def muon_params(n_each=3):
     return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", MUON_CONFIGS)
-def test_muon_matches_torch_exactly(kwargs):
-    """The batched chain runs torch's bf16 ops on each matrix: parameters and buffers equal torch's bit for bit."""
+def test_muon_matches_torch(kwargs, backend):
+    """Fused momentum and parameter steps around the batched bf16 chain: parameters and buffers equal torch's for-loop
+    Muon to float32 rounding over 10 steps."""
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     qs = clone_params(ps)
-    ours, ref = nno.Muon(ps, **kwargs), torch.optim.Muon(qs, **kwargs)
+    ours, ref = nno.Muon(ps, backend=backend, **kwargs), torch.optim.Muon(qs, **kwargs)
     run_pair(ours, ref, ps, qs)
-    for p, q in zip(ps, qs):
-        assert torch.equal(p, q)
-        assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    assert_same_state(ours, ref, ps, qs)
 
 
 def test_muon_batches_newton_schulz_per_shape(monkeypatch):
@@ -381,14 +382,16 @@ def test_muon_state_dict_round_trip(direction):
         assert torch.equal(p, q)
 
 
-def test_muon_masks_and_grad_scaler():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_muon_masks_and_grad_scaler(backend):
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     masks = [torch.rand(p.shape) > 0.4 for p in ps]
     for p, m in zip(ps, masks):
         sparsity.set_mask(p, m)
         with torch.no_grad():
             p.mul_(m)
-    opt = nno.Muon(ps, lr=0.02)
+    opt = nno.Muon(ps, lr=0.02, backend=backend)
     for step in range(4):
         set_grads(ps)
         opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
@@ -585,37 +588,83 @@ def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs,
     assert_same_state(ours, ref, ps, qs)
 
 
-def test_muon_device_found_inf_is_never_read_on_the_host(monkeypatch):
-    """A found_inf off the CPU (simulated: the CPU branch is bypassed) skips the step without a host read; finite
-    steps match torch.optim.Muon to float32 rounding (the update is applied as a product with the keep flag)."""
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_muon_device_found_inf_is_never_read_on_the_host(backend, monkeypatch):
+    """A found_inf off the CPU (simulated: CPU tensors take the device path) goes to the kernels, which skip the
+    step; no host read of found_inf or grad_scale; finite steps match torch.optim.Muon."""
+    from nnopt.optim import muon
+
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     qs = clone_params(ps)
-    ours, ref = nno.Muon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
-
-    class DeviceFlag(torch.Tensor):  # reports a non-CPU device so the step takes the device path
-        @property
-        def device(self):
-            return torch.device("meta")
-
-        def to(self, *args, **kwargs):
-            return torch.Tensor(self).clone()
-
-        def item(self):
-            raise AssertionError("found_inf was read on the host")
-
+    ours, ref = nno.Muon(ps, lr=0.02, backend=backend), torch.optim.Muon(qs, lr=0.02)
+    monkeypatch.setattr(muon, "_host_flag", lambda flag: False)
     for step in range(5):
         set_grads(ps, qs)
+        for p in ps:
+            p.grad.mul_(4.0)
         skip = step in (1, 3)
-        ours.found_inf = torch.tensor(1.0 if skip else 0.0).as_subclass(DeviceFlag)
+        ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(1.0 if skip else 0.0)
+        watched = {t.untyped_storage().data_ptr() for t in (ours.grad_scale, ours.found_inf)}
         before = [p.detach().clone() for p in ps]
-        ours.step()
+
+        def guard(original):
+            def read(self, *args, **kw):
+                if self.untyped_storage().data_ptr() in watched:
+                    raise AssertionError("found_inf or grad_scale was read on the host")
+                return original(self, *args, **kw)
+            return read
+
+        with monkeypatch.context() as m:
+            for attr in ("item", "__bool__", "__float__"):
+                m.setattr(torch.Tensor, attr, guard(getattr(torch.Tensor, attr)))
+            ours.step()
         if skip:
             assert all(torch.equal(a, b) for a, b in zip(before, ps))
         else:
             ref.step()
-    del ours.found_inf
+    del ours.grad_scale, ours.found_inf
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_muon_l1_and_master_weights(backend):
+    """l1 against the torch backend; bf16 parameters with fp32 masters track an fp32 torch.optim.Muon run."""
+    skip_unless_available(backend, "cpu")
+    ps = muon_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, lr=0.02, l1=0.5, backend=backend), nno.Muon(qs, lr=0.02, l1=0.5, backend="torch")
+    run_pair(ours, ref, ps, qs, steps=4)
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
+    ps32 = muon_params()
+    ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in ps32]
+    qs = [torch.nn.Parameter(p.detach().bfloat16().float()) for p in ps32]
+    ours, ref = nno.Muon(ps, lr=0.02, master_weights=True, backend=backend), torch.optim.Muon(qs, lr=0.02)
+    for _ in range(STEPS):
+        set_grads(ps)
+        for p, q in zip(ps, qs):
+            q.grad = p.grad.float()
+        ours.step()
+        ref.step()
     for p, q in zip(ps, qs):
-        assert_close(p.detach(), q.detach())
+        master = ours.state[p]["master_param"]
+        assert master.dtype == torch.float32 and ours.state[p]["momentum_buffer"].dtype == torch.float32
+        assert_close(master, q.detach())
+        assert torch.equal(p.detach(), master.bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kwargs", MUON_CONFIGS)
+def test_muon_matches_torch_on_cuda(kwargs, backend):
+    """On a GPU: parity with torch.optim.Muon on CUDA tensors over 10 steps (fp32 rounding of the fused steps)."""
+    skip_unless_available(backend, "cuda")
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in muon_params()]
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, backend=backend, **kwargs), torch.optim.Muon(qs, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
