@@ -698,3 +698,20 @@ def test_adafactor_matches_torch_on_cuda(kwargs, backend):
     ours, ref = nno.Adafactor(ps, backend=backend, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
     run_pair(ours, ref, ps, qs)
     assert_same_state(ours, ref, ps, qs)
+
+
+def test_opcheck_adafactor_and_muon_ops():
+    """torch.library.opcheck: schemas and fake kernels of adafactor_step_, muon_momentum_ and muon_update_."""
+    skip_unless_available("cpu", "cpu")
+    p, g, m = torch.randn(4, 6), torch.randn(4, 6), torch.rand(4, 6) > 0.3
+    v, gv = torch.randn(5), torch.randn(5)
+    kw = dict(lr=0.01, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.1, maximize=False, l1=0.0,
+              step_count=2.0)
+    args = ([p, v], [g, gv], [torch.rand(4, 1), torch.rand(5)], [torch.rand(1, 6), torch.empty(0)], [], [])
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.nnopt.adafactor_step_, args, kw, test_utils=utils)
+    torch.library.opcheck(torch.ops.nnopt.muon_momentum_,
+                          ([g], [torch.randn(4, 6)], [torch.empty(4, 6, dtype=torch.bfloat16)], [m]),
+                          dict(momentum=0.9, nesterov=True), test_utils=utils)
+    torch.library.opcheck(torch.ops.nnopt.muon_update_, ([p], [torch.randn(4, 6).bfloat16()], [], [m]),
+                          dict(lr=0.01, weight_decay=0.1, lr_ratios=[1.0], l1=0.0), test_utils=utils)
