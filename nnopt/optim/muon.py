@@ -1,4 +1,5 @@
-"""nnopt.optim.Muon: torch.optim.Muon's arguments, math and state, with the Newton–Schulz orthogonalisation batched
+"""nnopt.optim.Muon: torch.optim.Muon's arguments, math and state: fused momentum and parameter steps (the
+``muon_momentum``/``muon_update`` ops of the fused_optim family) around the Newton–Schulz orthogonalisation, batched
 over every parameter of the same shape (one bf16 batched matmul chain per shape group, not one per matrix)."""
 
 import math
