@@ -150,7 +150,7 @@ def run(names, quick=False, record=True, repeats=None):
             qs = bench_optim.clone(ps)
             provs[label] = (make(qs).step, qs)
         qs = bench_optim.clone(ps)
-        extra = {} if name in ("Muon", "Adafactor") else dict(backend="cpu")  # batched torch ops, no backend
+        extra = {} if name == "Muon" else dict(backend="cpu")  # Muon: its Newton–Schulz chain has no backend
         provs["nnopt cpu"] = (getattr(nnopt.optim, name)(qs, **extra, **kw).step, qs)
         check(provs, ps, oracle, name)
         slow = model == "gpt2"  # seconds per step: fewer samples, one call each

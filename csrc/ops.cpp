@@ -76,6 +76,25 @@ TORCH_LIBRARY(nnopt, m) {
       "bool adam_w_mode, bool grad_averaging, bool use_nvlamb, bool bias_correction, float max_grad_norm, "
       "bool maximize, float l1, float bias_correction1, float bias_correction2, Tensor? lr_tensor=None, "
       "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? step=None, Tensor? grad_norm=None) -> ()");
+  // Adafactor as torch.optim.Adafactor. A parameter of 2+ dims (B matrices R x C in its last two dims) has
+  // row_vars[i] (B*R entries) and col_vars[i] (B*C entries); one of fewer dims has its full variance in row_vars[i]
+  // (numel entries) and an empty col_vars[i]. step_count is the count after this step's increment (a `step` tensor
+  // replaces it). eps1 is resolved by the caller (torch's None: the machine epsilon of the states' dtype).
+  m.def(
+      "adafactor_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] row_vars, Tensor(c!)[] col_vars, "
+      "Tensor(d!)[] masters, Tensor[] masks, *, float lr, float beta2_decay, float eps1, float eps2, float d, "
+      "float weight_decay, bool maximize, float l1, float step_count, Tensor? lr_tensor=None, "
+      "Tensor? grad_scale=None, Tensor? found_inf=None, Tensor? step=None) -> ()");
+  // Muon's element-wise steps around its Newton–Schulz chain (torch.optim.Muon). muon_momentum_: the momentum
+  // buffers (states: float32 when the caller keeps fp32 masters, else the grads' dtype) and the update fed to
+  // Newton–Schulz, written in the updates' dtype. muon_update_: p *= 1 - lr*wd; p -= lr * lr_ratios[i] * updates[i]
+  // (the adjusted learning rate of each matrix), then L1 and masks as above.
+  m.def(
+      "muon_momentum_(Tensor[] grads, Tensor(a!)[] momentum_buffers, Tensor(b!)[] updates, Tensor[] masks, *, "
+      "float momentum, bool nesterov, Tensor? grad_scale=None, Tensor? found_inf=None) -> ()");
+  m.def(
+      "muon_update_(Tensor(a!)[] params, Tensor[] updates, Tensor(b!)[] masters, Tensor[] masks, *, float lr, "
+      "float weight_decay, float[] lr_ratios, float l1, Tensor? lr_tensor=None, Tensor? found_inf=None) -> ()");
   // Per-tensor L2 norms of a list of contiguous floating tensors on one device: float32 [len(tensors)].
   m.def("l2_norms(Tensor[] tensors) -> Tensor");
 

@@ -978,3 +978,7 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1
         [lr_tensor, grad_scale, found_inf, step, ratio, float(lr), float(beta1), float(beta2), float(eps),
          float(weight_decay), float(l1), float(bias_correction1), float(bias_correction2)],
         **common, **check, **flags)
+
+
+from .fused_adafactor import adafactor_step  # noqa: E402,F401  (its own file: tiles, not chunks)
+from .fused_muon import muon_momentum, muon_update  # noqa: E402,F401

@@ -11,7 +11,8 @@ import torch
 # Every op's name in the `nnopt` library, by family; the schemas live in csrc/ops.cpp.
 OPS = {
     "fused_optim": ("sgd_step", "adam_step", "adagrad_step", "rmsprop_step", "nadam_step", "radam_step", "adamax_step",
-                    "lion_step", "lamb_step", "l2_norms"),
+                    "lion_step", "lamb_step", "adafactor_step", "muon_momentum",
+                    "muon_update", "l2_norms"),
     "select": ("select_histogram",),
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_pack",
                       "masked_linear_packed"),

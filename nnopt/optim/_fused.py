@@ -217,6 +217,10 @@ class FusedOptimizer(torch.optim.Optimizer):
         """The kernel's keyword arguments besides lr, l1, lr_tensor, grad_scale and found_inf."""
         raise NotImplementedError
 
+    def _state_tensor(self, p, name):
+        """The tensor the kernel takes for state ``name`` of ``p`` (Adafactor maps names by the parameter's rank)."""
+        return self.state[p][name]
+
     def _sparse_step(self, group, p, grad, state, lr):
         raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
 
@@ -501,7 +505,7 @@ class FusedOptimizer(torch.optim.Optimizer):
         lists = {"params": ps}
         for n in names:
             if n is not None:
-                lists[n] = [self.state[p][n] for p in ps]
+                lists[n] = [self._state_tensor(p, n) for p in ps]
         lists["masters"] = [self.state[p]["master_param"] for p in ps] if has_master else []
         lists["masks"] = [sparsity.get_mask(p) for p in ps] if masked else []
         local_grads = None

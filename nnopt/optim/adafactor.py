@@ -1,31 +1,34 @@
-"""nnopt.optim.Adafactor: torch.optim.Adafactor's arguments, math and state, with every per-tensor reduction
-(||p||, the row and column second moments, ||update||) batched over the parameters of the same shape."""
-
-import math
+"""nnopt.optim.Adafactor: torch.optim.Adafactor's arguments, math and state on nnopt's fused backends: per group one
+kernel call over every parameter, whose launches reduce the statistics of all tensors at once (see the
+``adafactor_step`` op in csrc/ops.cpp)."""
 
 import torch
 
-from nnopt import sparsity
+from nnopt.optim._fused import FusedOptimizer
 
 
-class Adafactor(torch.optim.Optimizer):
+class Adafactor(FusedOptimizer):
     """Adafactor, as ``torch.optim.Adafactor``: factored second moments (``row_var`` [..., R, 1], ``col_var``
     [..., 1, C]) for parameters of 2 or more dimensions, a full ``variance`` otherwise; the step-dependent
-    beta2 (``step**beta2_decay``) and relative step size (``min(lr, step**-0.5)`` times
-    ``max(eps2, RMS(p))``); the update clipped to RMS ``d``; decoupled weight decay; maximize.
+    beta2 (``step**beta2_decay``) and relative step size (``min(lr, step**-0.5)`` times ``max(eps2, RMS(p))``);
+    the update clipped to RMS ``d``; decoupled weight decay; maximize.
 
-    Per step and group, the parameters with gradients are grouped by (shape, dtype, device, step count, mask):
-    each group's statistics, update and norms are computed on the stacked tensors with a few batched ops, not a
-    Python loop of ops per parameter. The per-tensor scalars stay tensors (no host read per parameter).
-    Extra: masks (nnopt.sparsity; masked entries of the parameter, of the update and of ``variance`` are exactly
-    0) and GradScaler (gradients unscaled; a step with an inf/NaN changes nothing). State per parameter, as torch:
-    ``step`` (CPU float32), ``row_var``/``col_var`` or ``variance``: checkpoints move both ways.
+    Per group one backend call updates every parameter: a reduction launch (each tensor's ||p||, the row and
+    column sums of g² of the factored ones), a launch reducing each tensor's ||update||, then the update launch;
+    the per-tensor scalars never leave the device. Extra arguments: ``backend=``, ``master_weights=`` (bf16/fp16
+    parameters with fp32 masters and fp32 states), ``l1=`` (proximal L1 after the update, threshold lr*l1).
+    Masks (nnopt.sparsity): masked entries of the parameter, its gradient, its update and its ``variance`` are
+    exactly 0 (``row_var``/``col_var`` hold the statistics of the unmasked entries). GradScaler: gradients
+    unscaled in-kernel; a step with an inf/NaN changes nothing, with no host read for device parameters.
+    State per parameter, as torch: ``step`` (float32), ``row_var``/``col_var`` or ``variance``: checkpoints move
+    both ways. With ``eps=(None, ...)``, eps1 is the machine epsilon of the states' dtype (fp32 with masters).
     """
 
-    _step_supports_amp_scaling = True
+    _op = "adafactor_step"
+    _kernel_takes_step = True
 
     def __init__(self, params, lr=1e-2, beta2_decay=-0.8, eps=(None, 1e-3), d=1.0, weight_decay=0.0, *,
-                 foreach=None, maximize=False):
+                 foreach=None, maximize=False, backend=None, master_weights=False, l1=0.0):
         if isinstance(lr, torch.Tensor) and lr.numel() != 1:
             raise ValueError("Tensor lr must be 1-element")
         if not 0.0 <= lr:
@@ -40,89 +43,46 @@ class Adafactor(torch.optim.Optimizer):
             raise ValueError(f"Clipping threshold d should be >= 1 but is: {d}")
         if not 0.0 <= weight_decay:
             raise ValueError(f"weight_decay should be >= 0 but is: {weight_decay}")
-        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, foreach=foreach,
-                        maximize=maximize)
-        super().__init__(params, defaults)
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        grad_scale = getattr(self, "grad_scale", None)
-        found_inf = getattr(self, "found_inf", None)
-        if found_inf is not None and bool(found_inf.item() != 0):  # one host read per step under GradScaler
-            return loss
+        defaults = dict(lr=lr, beta2_decay=beta2_decay, eps=eps, d=d, weight_decay=weight_decay, maximize=maximize)
+        super().__init__(params, defaults, backend=backend, master_weights=master_weights, l1=l1)
         for group in self.param_groups:
-            batches = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if torch.is_complex(p):
-                    raise RuntimeError("Adafactor does not support complex parameters")
-                if p.grad.is_sparse:
-                    raise RuntimeError("Adafactor does not support sparse gradients")
-                state = self.state[p]
-                if len(state) == 0:
-                    state["step"] = torch.tensor(0.0, dtype=torch.float32)
-                    if p.grad.dim() > 1:
-                        state["row_var"] = p.grad.new_zeros(p.shape[:-1] + (1,))
-                        state["col_var"] = p.grad.new_zeros(p.shape[:-2] + (1, p.shape[-1]))
-                    else:
-                        state["variance"] = torch.zeros_like(p.grad, memory_format=torch.preserve_format)
-                key = (tuple(p.shape), p.dtype, p.device, float(state["step"]), sparsity.get_mask(p) is not None)
-                batches.setdefault(key, []).append(p)
-            for (shape, dtype, _, step, masked), ps in batches.items():
-                self._step_batch(group, ps, shape, dtype, step + 1, masked, grad_scale)
-        return loss
+            group["foreach"] = foreach
 
-    def _step_batch(self, group, ps, shape, dtype, step, masked, grad_scale):
-        lr = float(group["lr"])
+    def _validate(self, gi, i, p, g):
+        if torch.is_complex(p):
+            raise RuntimeError("Adafactor does not support complex parameters")
+        if g.is_sparse:
+            raise RuntimeError("Adafactor does not support sparse gradients")
+        super()._validate(gi, i, p, g)
+
+    def _init_state(self, p, group, state):
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        dtype = self._state_dtype(p, group)
+        if p.dim() > 1:
+            if "row_var" not in state:
+                state["row_var"] = p.new_zeros(p.shape[:-1] + (1,), dtype=dtype)
+            if "col_var" not in state:
+                state["col_var"] = p.new_zeros(p.shape[:-2] + (1, p.shape[-1]), dtype=dtype)
+        elif "variance" not in state:
+            state["variance"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+
+    def _state_lists(self, group):
+        return ("row_var", "col_var")
+
+    def _state_tensor(self, p, name):
+        """A parameter of fewer than 2 dims passes its ``variance`` as its row_var and an empty col_var."""
+        if p.dim() > 1:
+            return self.state[p][name]
+        st = self.state[p]
+        return st["variance"] if name == "row_var" else st["variance"].new_empty(0)
+
+    def _bucket_extra(self, group, state):
+        return next(v.dtype for k, v in state.items() if k != "step")  # eps1's default is the states' epsilon
+
+    def _hyper(self, group, step, dtype):
         eps1, eps2 = group["eps"]
-        if eps1 is None:
-            eps1 = torch.finfo(dtype).eps
-        states = [self.state[p] for p in ps]
-        for st in states:
-            st["step"] += 1
-        one_minus_beta2 = step ** group["beta2_decay"]
-        rho = min(lr, 1 / (step**0.5))
-        numel = math.prod(shape)
-        # RMS of each parameter before the decay: alpha_i = max(eps2, ||p_i|| / sqrt(numel)) * rho
-        alpha = torch.stack(torch._foreach_norm(ps)).div_(numel**0.5).clamp_(min=eps2).mul_(rho)
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(ps, 1 - lr * group["weight_decay"])
-        g = torch.stack([p.grad for p in ps])
-        if grad_scale is not None:
-            g = g / grad_scale.to(g.device, g.dtype)
-        if group["maximize"]:
-            g = g.neg_()
-        masks = None
-        if masked:
-            masks = torch.stack([sparsity.get_mask(p) for p in ps])
-            g = g.masked_fill_(~masks, 0)
-        if len(shape) > 1:
-            row_vars = [st["row_var"] for st in states]
-            col_vars = [st["col_var"] for st in states]
-            row = torch.stack(row_vars).lerp_(torch.norm(g, dim=-1, keepdim=True).square_().div_(shape[-1]),
-                                              one_minus_beta2)
-            col = torch.stack(col_vars).lerp_(torch.norm(g, dim=-2, keepdim=True).square_().div_(shape[-2]),
-                                              one_minus_beta2)
-            torch._foreach_copy_(row_vars, list(row.unbind(0)))
-            torch._foreach_copy_(col_vars, list(col.unbind(0)))
-            var = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))
-        else:
-            variances = [st["variance"] for st in states]
-            var = torch.stack(variances).lerp_(g * g, one_minus_beta2)
-            if masked:
-                var.masked_fill_(~masks, 0)
-            torch._foreach_copy_(variances, list(var.unbind(0)))
-            var = var.clone()
-        update = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
-        dims = tuple(range(1, update.dim()))
-        norms = torch.linalg.vector_norm(update, dim=dims) if dims else update.abs()
-        denom = (norms / ((numel**0.5) * group["d"])).clamp_(min=1.0)
-        coef = (-alpha / denom).to(dtype).reshape((-1,) + (1,) * len(shape))
-        torch._foreach_add_(ps, list((update * coef).unbind(0)))
-        if masked:
-            torch._foreach_mul_(ps, list(masks.unbind(0)))
+        eps1 = torch.finfo(dtype).eps if eps1 is None else eps1
+        return dict(beta2_decay=float(group["beta2_decay"]), eps1=float(eps1), eps2=float(eps2), d=float(group["d"]),
+                    weight_decay=float(group["weight_decay"]), maximize=bool(group["maximize"]),
+                    step_count=float(step))

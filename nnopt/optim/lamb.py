@@ -80,10 +80,7 @@ class LAMB(FusedOptimizer):
         squares = []
         for device, grads in by_device.items():
             backend = backends.resolve(FAMILY, self.param_groups[0]["backend"], device)
-            if backend == "cuda":  # torch's multi-tensor norm kernel: one launch, no host read
-                norms = torch.stack(torch._foreach_norm(grads))
-            else:
-                norms = backends.implementation(FAMILY, backend).l2_norms(grads)
+            norms = backends.implementation(FAMILY, backend).l2_norms(grads)  # (cuda: two launches, no host read)
             squares.append(norms.to(torch.float64).square().sum())
         if not squares:
             return {}

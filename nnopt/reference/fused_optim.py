@@ -344,3 +344,99 @@ def lamb_step(params, grads, exp_avgs, exp_avg_sqs, masters, masks, *, lr, beta1
         ratio = lr * (p_norm / u_norm) if trust and p_norm != 0 and u_norm != 0 else lr
         p = p.add(u, alpha=-ratio)
         _epilogue(i, p, [(exp_avgs[i], m), (exp_avg_sqs[i], v)], lr, l1, params, masters, mask)
+
+
+# Adafactor as torch.optim.Adafactor (for-loop path), per tensor, with s the step count after this step's increment:
+#   w = s**beta2_decay;  rho = min(lr, 1/sqrt(s));  alpha = max(eps2, ||p||/sqrt(numel)) * rho  (p before decay);
+#   p *= 1 - lr*wd;  factored (dim >= 2, R x C matrices in the last two dims):
+#   row_var = lerp(row_var, ||g_row||²/C, w);  col_var = lerp(col_var, ||g_col||²/R, w);
+#   var = row_var[r]*col_var[c] / max(mean_r(row_var), eps1);  else variance = lerp(variance, g², w), var = variance;
+#   u = g / sqrt(max(var, eps1²));  p += (-alpha / max(1, RMS(u)/d)) * u.
+# Masked entries count as 0 in g, ||p|| and ||u||; a masked parameter's `variance` entries are 0 too (row_var and
+# col_var are not per-element: they keep the statistics of the unmasked entries).
+
+
+def adafactor_scalars(lr, beta2_decay, step):
+    """(one_minus_beta2, rho) for step count ``step``, as torch.optim.Adafactor computes them (Python floats)."""
+    return step**beta2_decay, min(lr, 1 / (step**0.5))
+
+
+def adafactor_step(params, grads, row_vars, col_vars, masters, masks, *, lr, beta2_decay, eps1, eps2, d,
+                   weight_decay, maximize, l1, step_count, lr_tensor=None, grad_scale=None, found_inf=None,
+                   step=None):
+    """Adafactor on every tensor of ``params`` in place. For a parameter of 2 or more dims, ``row_vars[i]``
+    [..., R, 1] and ``col_vars[i]`` [..., 1, C] are its factored second moments; for fewer dims ``row_vars[i]`` is
+    its full ``variance`` (the parameter's shape) and ``col_vars[i]`` an empty tensor. ``step_count``: the count
+    after this step's increment (a ``step`` tensor replaces it)."""
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    s = _step(step) if step is not None else float(step_count)
+    one_minus_beta2, rho = adafactor_scalars(lr, beta2_decay, s)
+    for i in range(len(params)):
+        p, g, mask = _prologue(i, params, grads, masters, masks, grad_scale, maximize)
+        shape, numel = params[i].shape, params[i].numel()
+        p, g = p.reshape(shape), g.reshape(shape)
+        if mask is not None:
+            mask = mask.reshape(shape)
+        pk = p if mask is None else p.masked_fill(~mask, 0)
+        alpha = max(eps2, pk.norm(2).item() / (numel**0.5)) * rho
+        if weight_decay != 0:
+            p = p.mul(1 - lr * weight_decay)
+        states = []
+        if len(shape) > 1:
+            row = row_vars[i].to(g.dtype).lerp(torch.norm(g, dim=-1, keepdim=True).square_().div_(shape[-1]),
+                                               one_minus_beta2)
+            col = col_vars[i].to(g.dtype).lerp(torch.norm(g, dim=-2, keepdim=True).square_().div_(shape[-2]),
+                                               one_minus_beta2)
+            states += [(row_vars[i], row), (col_vars[i], col)]
+            var = (row @ col).div_(row.mean(dim=-2, keepdim=True).clamp_(min=eps1))
+        else:
+            v = row_vars[i].to(g.dtype).reshape(shape).lerp(g * g, one_minus_beta2)
+            if mask is not None:
+                v = v.masked_fill(~mask, 0)
+            states.append((row_vars[i], v))
+            var = v.clone()
+        u = var.clamp_(min=eps1 * eps1).rsqrt_().mul_(g)
+        denom = max(1.0, u.norm(2).item() / ((numel**0.5) * d))
+        p = p.add(u, alpha=-alpha / denom)
+        _epilogue(i, p, [], lr, l1, params, masters, mask)
+        for dst, st in states:
+            dst.copy_(st.reshape(dst.shape))
+
+
+# Muon (torch.optim.Muon) around its Newton–Schulz chain, per element: momentum step
+#   g /= grad_scale, 0 where masked;  buf = lerp(buf, g, 1 - momentum) (0 where masked);
+#   update = lerp(g, buf, momentum) (nesterov) or buf, written in the updates' dtype (bf16 for Newton–Schulz);
+# then, on the orthogonalised updates o, the parameter step
+#   p *= 1 - lr*wd;  p += -(lr * lr_ratios[i]) * o;  L1;  0 where masked.
+
+
+def muon_momentum(grads, momentum_buffers, updates, masks, *, momentum, nesterov, grad_scale=None, found_inf=None):
+    if _skip(found_inf):
+        return
+    for i in range(len(grads)):
+        cd = _compute_dtype(grads[i])
+        g = grads[i].to(cd)
+        if grad_scale is not None:
+            g = g / grad_scale.reshape(()).to(cd)
+        mask = masks[i] if masks else None
+        if mask is not None:
+            g = g.masked_fill(~mask, 0)
+        buf = momentum_buffers[i].to(cd).lerp(g, 1 - momentum)
+        if mask is not None:
+            buf = buf.masked_fill(~mask, 0)
+        momentum_buffers[i].copy_(buf)
+        updates[i].copy_(g.lerp(buf, momentum) if nesterov else buf)
+
+
+def muon_update(params, updates, masters, masks, *, lr, weight_decay, lr_ratios, l1, lr_tensor=None,
+                found_inf=None):
+    if _skip(found_inf):
+        return
+    lr = _lr(lr, lr_tensor)
+    for i in range(len(params)):
+        cd = _compute_dtype(params[i])
+        p = (masters[i] if masters else params[i]).to(cd)
+        p = p.mul(1 - lr * weight_decay).add(updates[i].to(cd), alpha=-(lr * lr_ratios[i]))
+        _epilogue(i, p, [], lr, l1, params, masters, masks[i] if masks else None)

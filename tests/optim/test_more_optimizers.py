@@ -228,7 +228,7 @@ def test_l1_matches_reference(name, kwargs, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["Adafactor"])
 def test_master_weights(name, backend):
     """bf16 params with fp32 masters, given bf16 gradients, track an fp32 run of the oracle from the same start with
     the same gradients: the master to fp32 rounding, the parameter to its bf16 rounding."""
@@ -253,7 +253,7 @@ def test_master_weights(name, backend):
 
 
 @pytest.mark.parametrize("backend", ["triton", "cpu"])
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", NAMES + ["Adafactor"])
 def test_grad_scaler_skips_non_finite_step(name, backend):
     skip_unless_available(backend, "cpu")
     model = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.ReLU(), torch.nn.Linear(5, 2))
@@ -336,16 +336,17 @@ def muon_params(n_each=3):
     return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("kwargs", MUON_CONFIGS)
-def test_muon_matches_torch_exactly(kwargs):
-    """The batched chain runs torch's bf16 ops on each matrix: parameters and buffers equal torch's bit for bit."""
+def test_muon_matches_torch(kwargs, backend):
+    """Fused momentum and parameter steps around the batched bf16 chain: parameters and buffers equal torch's for-loop
+    Muon to float32 rounding over 10 steps."""
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     qs = clone_params(ps)
-    ours, ref = nno.Muon(ps, **kwargs), torch.optim.Muon(qs, **kwargs)
+    ours, ref = nno.Muon(ps, backend=backend, **kwargs), torch.optim.Muon(qs, **kwargs)
     run_pair(ours, ref, ps, qs)
-    for p, q in zip(ps, qs):
-        assert torch.equal(p, q)
-        assert torch.equal(ours.state[p]["momentum_buffer"], ref.state[q]["momentum_buffer"])
+    assert_same_state(ours, ref, ps, qs)
 
 
 def test_muon_batches_newton_schulz_per_shape(monkeypatch):
@@ -381,14 +382,16 @@ def test_muon_state_dict_round_trip(direction):
         assert torch.equal(p, q)
 
 
-def test_muon_masks_and_grad_scaler():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_muon_masks_and_grad_scaler(backend):
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     masks = [torch.rand(p.shape) > 0.4 for p in ps]
     for p, m in zip(ps, masks):
         sparsity.set_mask(p, m)
         with torch.no_grad():
             p.mul_(m)
-    opt = nno.Muon(ps, lr=0.02)
+    opt = nno.Muon(ps, lr=0.02, backend=backend)
     for step in range(4):
         set_grads(ps)
         opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
@@ -419,28 +422,41 @@ def test_muon_bad_arguments_raise_torchs_messages():
         nno.Muon([q]).step()
 
 
-# -- Adafactor: torch.optim.Adafactor's math with the per-tensor reductions batched per shape ---------------------
+# -- Adafactor: torch.optim.Adafactor's math on every backend -------------------------------------------------------
 
 ADAFACTOR_CONFIGS = [
     dict(),
     dict(lr=0.05, weight_decay=0.1, maximize=True, d=1.5, eps=(1e-20, 1e-2), beta2_decay=-0.5),
     dict(lr=torch.tensor(0.003), eps=(1e-6, 1e-3)),
 ]
+AF_IDS = ["defaults", "wd-maximize-d", "tensor-lr"]
 
 
 def adafactor_params():
-    """Equal shapes (batched together), a 0-dim and 1-D ones (full variance), 2-D and 3-D ones (factored)."""
-    shapes = [(), (5,), (17,), (5,), (7, 13), (7, 13), (13, 7), (3, 4, 6), (1, 1)]
-    return [torch.nn.Parameter(torch.randn(s)) for s in shapes]
+    """Equal shapes, a 0-dim and 1-D ones (full variance), 2-D and 3-D ones (factored), matrices of several tiles
+    (more rows than a Triton tile, longer vectors than a tile row), a transposed and a strided view."""
+    shapes = [(), (5,), (17,), (5,), (7, 13), (7, 13), (13, 7), (3, 4, 6), (1, 1), (37, 70), (200,)]
+    ps = [torch.randn(s) for s in shapes] + [torch.randn(9, 5).t(), torch.randn(6, 10)[:, ::3]]
+    return [torch.nn.Parameter(p) for p in ps]
 
 
-@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS)
-def test_adafactor_matches_torch(kwargs):
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS, ids=AF_IDS)
+def test_adafactor_matches_torch(kwargs, backend):
+    skip_unless_available(backend, "cpu")
     ps = adafactor_params()
     qs = clone_params(ps)
-    ours, ref = nno.Adafactor(ps, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
+    ours, ref = nno.Adafactor(ps, backend=backend, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
     run_pair(ours, ref, ps, qs)
     assert_same_state(ours, ref, ps, qs)
+
+
+def test_adafactor_float64():
+    ps = [torch.nn.Parameter(torch.randn(s, dtype=torch.float64)) for s in [(), (5, 3), (33,), (2, 3, 4)]]
+    qs = clone_params(ps)
+    ours, ref = nno.Adafactor(ps, lr=0.01, backend="cpu"), torch.optim.Adafactor(qs, lr=0.01, foreach=False)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs, dtype=torch.float64)
 
 
 @pytest.mark.parametrize("direction", ["torch_to_nnopt", "nnopt_to_torch"])
@@ -464,25 +480,55 @@ def test_adafactor_state_dict_round_trip(direction):
     assert_same_state(ours, theirs, p_ours, p_theirs)
 
 
-def test_adafactor_masks_and_grad_scaler():
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_adafactor_masks_and_grad_scaler(backend):
+    """Masks arriving after the states exist: pruned entries of the parameter and of `variance` exactly 0, every
+    backend equal to the torch backend; a GradScaler step with found_inf changes nothing."""
+    skip_unless_available(backend, "cpu")
     ps = adafactor_params()[1:]
+    kwargs = dict(lr=0.05, weight_decay=0.1)
+    opt = nno.Adafactor(ps, backend=backend, **kwargs)
+    set_grads(ps)
+    opt.step()
     masks = [torch.rand(p.shape) > 0.4 for p in ps]
     for p, m in zip(ps, masks):
         sparsity.set_mask(p, m)
-        with torch.no_grad():
-            p.mul_(m)
-    opt = nno.Adafactor(ps, lr=0.05)
+    qs = clone_params(ps)
+    ref = nno.Adafactor(qs, backend="torch", **kwargs)
+    ref.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for q, m in zip(qs, masks):
+        sparsity.set_mask(q, m)
     for step in range(4):
-        set_grads(ps)
-        opt.grad_scale, opt.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
+        set_grads(ps, qs)
+        for o in (opt, ref):
+            o.grad_scale, o.found_inf = torch.tensor(8.0), torch.tensor(1.0 if step == 2 else 0.0)
         before = [p.detach().clone() for p in ps]
+        states = copy.deepcopy(opt.state_dict()["state"])
         opt.step()
+        ref.step()
         if step == 2:
             assert all(torch.equal(a, b) for a, b in zip(before, ps))
+            for k, st in opt.state_dict()["state"].items():
+                assert all(torch.equal(v, states[k][key]) for key, v in st.items())
     for p, m in zip(ps, masks):
         assert (p[~m] == 0).all() and (p[m] != 0).all()
         if "variance" in opt.state[p]:
             assert (opt.state[p]["variance"][~m] == 0).all()
+    for o in (opt, ref):
+        del o.grad_scale, o.found_inf
+    assert_same_state(opt, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_adafactor_l1_matches_reference(backend):
+    skip_unless_available(backend, "cpu")
+    ps = adafactor_params()
+    qs = clone_params(ps)
+    ours = nno.Adafactor(ps, backend=backend, lr=0.05, l1=0.5)
+    ref = nno.Adafactor(qs, backend="torch", lr=0.05, l1=0.5)
+    run_pair(ours, ref, ps, qs, steps=4)
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
 
 
 def test_adafactor_bad_arguments_raise_torchs_messages():
@@ -499,8 +545,9 @@ def test_adafactor_bad_arguments_raise_torchs_messages():
 
 
 @pytest.mark.parametrize("backend", ["cpu", "triton"])  # the reference reads found_inf on the host by design
-@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[7], CONFIGS[11]],
-                         ids=[IDS[1], IDS[4], IDS[7], IDS[11]])
+@pytest.mark.parametrize("name,kwargs", [CONFIGS[1], CONFIGS[4], CONFIGS[7], CONFIGS[11],
+                                         ("Adafactor", ADAFACTOR_CONFIGS[1])],
+                         ids=[IDS[1], IDS[4], IDS[7], IDS[11], "Adafactor"])
 def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs, backend, monkeypatch):
     """Step counts (and NAdam's mu_product) kept where the kernels read them, as for CUDA parameters (forced here
     on CPU tensors): under GradScaler a cached-plan step reads none of them, nor found_inf or grad_scale, on the
@@ -541,34 +588,130 @@ def test_device_step_counts_and_grad_scaler_never_read_on_the_host(name, kwargs,
     assert_same_state(ours, ref, ps, qs)
 
 
-def test_muon_device_found_inf_is_never_read_on_the_host(monkeypatch):
-    """A found_inf off the CPU (simulated: the CPU branch is bypassed) skips the step without a host read; finite
-    steps match torch.optim.Muon to float32 rounding (the update is applied as a product with the keep flag)."""
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_muon_device_found_inf_is_never_read_on_the_host(backend, monkeypatch):
+    """A found_inf off the CPU (simulated: CPU tensors take the device path) goes to the kernels, which skip the
+    step; no host read of found_inf or grad_scale; finite steps match torch.optim.Muon."""
+    from nnopt.optim import muon
+
+    skip_unless_available(backend, "cpu")
     ps = muon_params()
     qs = clone_params(ps)
-    ours, ref = nno.Muon(ps, lr=0.02), torch.optim.Muon(qs, lr=0.02)
-
-    class DeviceFlag(torch.Tensor):  # reports a non-CPU device so the step takes the device path
-        @property
-        def device(self):
-            return torch.device("meta")
-
-        def to(self, *args, **kwargs):
-            return torch.Tensor(self).clone()
-
-        def item(self):
-            raise AssertionError("found_inf was read on the host")
-
+    ours, ref = nno.Muon(ps, lr=0.02, backend=backend), torch.optim.Muon(qs, lr=0.02)
+    monkeypatch.setattr(muon, "_host_flag", lambda flag: False)
     for step in range(5):
         set_grads(ps, qs)
+        for p in ps:
+            p.grad.mul_(4.0)
         skip = step in (1, 3)
-        ours.found_inf = torch.tensor(1.0 if skip else 0.0).as_subclass(DeviceFlag)
+        ours.grad_scale, ours.found_inf = torch.tensor(4.0), torch.tensor(1.0 if skip else 0.0)
+        watched = {t.untyped_storage().data_ptr() for t in (ours.grad_scale, ours.found_inf)}
         before = [p.detach().clone() for p in ps]
-        ours.step()
+
+        def guard(original):
+            def read(self, *args, **kw):
+                if self.untyped_storage().data_ptr() in watched:
+                    raise AssertionError("found_inf or grad_scale was read on the host")
+                return original(self, *args, **kw)
+            return read
+
+        with monkeypatch.context() as m:
+            for attr in ("item", "__bool__", "__float__"):
+                m.setattr(torch.Tensor, attr, guard(getattr(torch.Tensor, attr)))
+            ours.step()
         if skip:
             assert all(torch.equal(a, b) for a, b in zip(before, ps))
         else:
             ref.step()
-    del ours.found_inf
+    del ours.grad_scale, ours.found_inf
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_muon_l1_and_master_weights(backend):
+    """l1 against the torch backend; bf16 parameters with fp32 masters track an fp32 torch.optim.Muon run."""
+    skip_unless_available(backend, "cpu")
+    ps = muon_params()
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, lr=0.02, l1=0.5, backend=backend), nno.Muon(qs, lr=0.02, l1=0.5, backend="torch")
+    run_pair(ours, ref, ps, qs, steps=4)
+    assert_same_state(ours, ref, ps, qs)
+    assert sum(int((p == 0).sum()) for p in ps) > 0
+    ps32 = muon_params()
+    ps = [torch.nn.Parameter(p.detach().bfloat16()) for p in ps32]
+    qs = [torch.nn.Parameter(p.detach().bfloat16().float()) for p in ps32]
+    ours, ref = nno.Muon(ps, lr=0.02, master_weights=True, backend=backend), torch.optim.Muon(qs, lr=0.02)
+    for _ in range(STEPS):
+        set_grads(ps)
+        for p, q in zip(ps, qs):
+            q.grad = p.grad.float()
+        ours.step()
+        ref.step()
     for p, q in zip(ps, qs):
-        assert_close(p.detach(), q.detach())
+        master = ours.state[p]["master_param"]
+        assert master.dtype == torch.float32 and ours.state[p]["momentum_buffer"].dtype == torch.float32
+        assert_close(master, q.detach())
+        assert torch.equal(p.detach(), master.bfloat16())
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kwargs", MUON_CONFIGS)
+def test_muon_matches_torch_on_cuda(kwargs, backend):
+    """On a GPU: parity with torch.optim.Muon on CUDA tensors over 10 steps (fp32 rounding of the fused steps)."""
+    skip_unless_available(backend, "cuda")
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in muon_params()]
+    qs = clone_params(ps)
+    ours, ref = nno.Muon(ps, backend=backend, **kwargs), torch.optim.Muon(qs, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
+
+
+@pytest.mark.parametrize("backend", ["triton", "cpu"])
+def test_adafactor_op_bad_inputs_name_the_argument(backend):
+    """The op itself: a state of the wrong size or dtype is refused, naming the list and the index, before any
+    tensor changes."""
+    skip_unless_available(backend, "cpu")
+    from nnopt import backends
+
+    op = backends.implementation("fused_optim", backend).adafactor_step
+    p, g = torch.randn(4, 6), torch.randn(4, 6)
+    kw = dict(lr=0.01, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.0, maximize=False, l1=0.0,
+              step_count=1.0)
+    before = p.clone()
+    with pytest.raises((RuntimeError, ValueError), match=r"row_vars\[0\]"):
+        op([p], [g], [torch.zeros(4, 2)], [torch.zeros(1, 6)], [], [], **kw)
+    with pytest.raises((RuntimeError, TypeError), match=r"col_vars\[0\]"):
+        op([p], [g], [torch.zeros(4, 1)], [torch.zeros(1, 6, dtype=torch.float64)], [], [], **kw)
+    assert torch.equal(p, before)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
+@pytest.mark.parametrize("kwargs", ADAFACTOR_CONFIGS, ids=AF_IDS)
+def test_adafactor_matches_torch_on_cuda(kwargs, backend):
+    """On a GPU: parity with torch.optim.Adafactor's for-loop path on CUDA tensors (device step counts), 10 steps."""
+    skip_unless_available(backend, "cuda")
+    ps = [torch.nn.Parameter(p.detach().cuda()) for p in adafactor_params()]
+    qs = clone_params(ps)
+    kwargs = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in kwargs.items()}
+    ours, ref = nno.Adafactor(ps, backend=backend, **kwargs), torch.optim.Adafactor(qs, foreach=False, **kwargs)
+    run_pair(ours, ref, ps, qs)
+    assert_same_state(ours, ref, ps, qs)
+
+
+def test_opcheck_adafactor_and_muon_ops():
+    """torch.library.opcheck: schemas and fake kernels of adafactor_step_, muon_momentum_ and muon_update_."""
+    skip_unless_available("cpu", "cpu")
+    p, g, m = torch.randn(4, 6), torch.randn(4, 6), torch.rand(4, 6) > 0.3
+    v, gv = torch.randn(5), torch.randn(5)
+    kw = dict(lr=0.01, beta2_decay=-0.8, eps1=1e-30, eps2=1e-3, d=1.0, weight_decay=0.1, maximize=False, l1=0.0,
+              step_count=2.0)
+    args = ([p, v], [g, gv], [torch.rand(4, 1), torch.rand(5)], [torch.rand(1, 6), torch.empty(0)], [], [])
+    utils = ("test_schema", "test_faketensor")
+    torch.library.opcheck(torch.ops.nnopt.adafactor_step_, args, kw, test_utils=utils)
+    torch.library.opcheck(torch.ops.nnopt.muon_momentum_,
+                          ([g], [torch.randn(4, 6)], [torch.empty(4, 6, dtype=torch.bfloat16)], [m]),
+                          dict(momentum=0.9, nesterov=True), test_utils=utils)
+    torch.library.opcheck(torch.ops.nnopt.muon_update_, ([p], [torch.randn(4, 6).bfloat16()], [], [m]),
+                          dict(lr=0.01, weight_decay=0.1, lr_ratios=[1.0], l1=0.0), test_utils=utils)
