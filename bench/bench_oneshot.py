@@ -40,6 +40,7 @@ ONESHOT = {"wanda": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p),
            "sparsegpt+owl": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p, owl=OWL)}
 TEXT_METHODS = METHODS + ("wanda+owl", "sparsegpt+owl")
 RECON_METHODS = METHODS + ("sparsegpt (bf16 H)",)
+ARCH_NAMES = {"gpt2": "GPT-2-style (LayerNorm, GELU MLP)", "llama": "Llama-style (RMSNorm, SwiGLU MLP)"}
 
 
 def magnitude(model, pattern, sparsity):
@@ -57,7 +58,7 @@ def magnitude(model, pattern, sparsity):
 def train_lm(args, corpus):
     from nnopt.demo import lm
 
-    model = lm.build("gpt2", d_model=args.d_model, n_layers=args.layers, n_heads=4, seq_len=args.seq)
+    model = lm.build(args.arch, d_model=args.d_model, n_layers=args.layers, n_heads=4, seq_len=args.seq)
     if args.cache and os.path.exists(args.cache):
         saved = torch.load(args.cache)
         model.load_state_dict(saved["state"])
@@ -113,12 +114,12 @@ def run_text(args):
     owl_50 = {meth: inc[("50%", meth + "+owl")] / inc[("50%", "magnitude")] for meth in ("wanda", "sparsegpt")}
     bar_50 = {meth: inc[("50%", meth)] / inc[("50%", "magnitude")] for meth in METHODS[1:]}
     lines = [
-        f"GPT-2-style byte LM (d_model {args.d_model}, {args.layers} blocks, context {args.seq}, "
+        f"{ARCH_NAMES[args.arch]} byte LM (d_model {args.d_model}, {args.layers} blocks, context {args.seq}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), trained {args.steps} steps "
         f"(batch {args.batch}) on {corpus.source}" + (f" in {train_s:.0f} s" if train_s else " (cached)") + "; "
         f"held-out perplexity on {args.eval_windows} windows of {args.seq} bytes; 128 calibration sequences "
-        "from the training split. Same layers pruned by every method (the blocks' Conv1D layers; wte/lm_head "
-        "dense). Shared, loaded machine.", "",
+        "from the training split. Same layers pruned by every method (every linear layer of the blocks; "
+        "embeddings and lm_head dense). Shared, loaded machine.", "",
         harness.table(rows, ["setting", "dense", *TEXT_METHODS]), "",
         "Seconds per pruning run:", "",
         harness.table(rows, ["setting"] + [m + " s" for m in TEXT_METHODS]), "",
@@ -129,14 +130,14 @@ def run_text(args):
          f"vs Wanda {ppl[('2:4', 'wanda')]:.3f} (bar: SparseGPT <= Wanda)."),
     ]
     if args.plot:
-        plot(rows, dense, args.plot)
+        plot(rows, dense, args.plot, ARCH_NAMES[args.arch])
         lines += ["", f"Plot: `{os.path.relpath(args.plot, os.path.dirname(harness.RESULTS))}`."]
     body = "\n".join(lines)
     print(body)
     harness.append_results("bench_oneshot text: held-out perplexity after one-shot pruning", body)
 
 
-def plot(rows, dense, path):
+def plot(rows, dense, path, arch="GPT-2-style"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +152,7 @@ def plot(rows, dense, path):
     ax.set_xticks(range(len(rows)), [r["setting"] for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("One-shot pruning of a byte-level GPT-2 trained on the stdlib's sources")
+    ax.set_title(f"One-shot pruning of a {arch} byte LM trained on the stdlib's sources")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -347,6 +348,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("part", choices=["text", "recon", "speed", "memory", "memory-child"])
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="text: the LM's architecture")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seq", type=int, default=128)
