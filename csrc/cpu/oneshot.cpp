@@ -25,11 +25,13 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <memory>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
 #include <cpuid.h>
 #include <immintrin.h>
+#include <sys/mman.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define NNOPT_AMX 1
@@ -118,13 +120,13 @@ void sparsegpt_block_cpu(Tensor& w, const Tensor& u, Tensor& pruned, Tensor& err
 //
 // With AMX (Sapphire Rapids and later, after the kernel grants the tile state), the products run as
 // TDPBF16PS tiles that accumulate in float32 over the whole batch: oneDNN's bf16 GEMM would round each batch's
-// product to bf16 (no float32 output on CPU in torch), which is what makes hessian_dtype=bfloat16 lossy.
-// Operands: A tiles of hiᵀ/loᵀ (a tile row = one feature over 32 tokens) and B tiles of hi/lo in the VNNI
-// layout (a tile row = 16 features × a token pair), each tile 1 KiB contiguous; T and K zero-padded to 32s.
-// Each task owns a 32×32 block of h (four accumulator tiles) with i-block <= j-block and runs the whole token
-// loop, so h is read and written once per call. Without AMX the same products run as float32 GEMMs (exact
-// products, float32 accumulation; slower than plain float32: the Python side only picks terms 3 by default
-// where amx_bf16_usable() is true).
+// product to bf16 (no float32 output on CPU in torch), which made the old hessian_dtype=bfloat16 path lossy.
+// Operands (one pass over x, pack_split): A tiles of hiᵀ/loᵀ (a tile row = one feature over 32 tokens) and B
+// tiles of hi/lo in the VNNI layout (a tile row = 16 features × a token pair), 1 KiB each, the two tiles of a
+// 32-wide block and 32-token step adjacent (the kernel's four loads per step read 4 KiB of consecutive memory),
+// on 2 MiB pages; T and K zero-padded to 32s. Tasks and blocking: amx_blocks. Without AMX (or NNOPT_AMX=0) the
+// same products run as float32 GEMMs (exact products, float32 accumulation; slower than plain float32, so the
+// Python side picks terms 3 by default only where amx_bf16_usable() is true).
 
 #ifdef NNOPT_AMX
 bool amx_probe() {
@@ -145,6 +147,38 @@ struct TileConfig {
   uint8_t rows[16] = {};
 };
 
+// dst = srcᵀ for a 16×16 matrix of 32-bit words (both 64-byte aligned, rows of 16 words): 4 rounds of shuffles.
+__attribute__((target("avx512f"))) inline void transpose16x16(const uint32_t* src, uint32_t* dst) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(src + 16 * i);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4g + c] holds, in each 128-bit lane L, column 4L + c of rows 4g..4g+3.
+  for (int c = 0; c < 4; ++c) {
+    for (int g = 0; g < 4; g += 2) {
+      t[4 * g + c] = _mm512_shuffle_i32x4(r[4 * g + c], r[4 * (g + 1) + c], 0x88);      // lanes 0, 2
+      t[4 * g + c + 4] = _mm512_shuffle_i32x4(r[4 * g + c], r[4 * (g + 1) + c], 0xDD);  // lanes 1, 3
+    }
+  }
+  // t[c], t[4+c] (rows 0-7) and t[8+c], t[12+c] (rows 8-15) hold lanes (0, 2) and (1, 3) of their two row
+  // groups; one more lane shuffle gives output row 4L + c = column 4L + c of src.
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i lo = t[4 * h + c], hi = t[8 + 4 * h + c];
+      _mm512_store_si512(dst + 16 * (c + 4 * h), _mm512_shuffle_i32x4(lo, hi, 0x88));
+      _mm512_store_si512(dst + 16 * (c + 8 + 4 * h), _mm512_shuffle_i32x4(lo, hi, 0xDD));
+    }
+  }
+}
+
 // One pass over x: hi = bf16(x) and lo = bf16(x - hi) (round to nearest even, as torch's .to(bfloat16)) straight
 // into the tile layouts, with Σ_t lo² per feature (the diagonal loᵀlo). Tile (f, s) covers features 16f.. and
 // tokens 32s..; out-of-range tokens/features are zeros. The B tile row p interleaves tokens 2p and 2p+1; read as
@@ -159,13 +193,20 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
     idx_v[2 * q + 1] = uint16_t(16 + q);
   }
   const __m512i idx = _mm512_load_si512(idx_v);
-  at::parallel_for(0, kb16, 1, [&](int64_t f0, int64_t f1) {
-    for (int64_t f = f0; f < f1; ++f) {
-      const int64_t c0 = 16 * f, cols = std::min<int64_t>(16, k - c0);
-      const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(cols, 0)) - 1);
-      __m512 sq = _mm512_setzero_ps();
-      for (int64_t st = 0; st < tc; ++st) {
-        const int64_t off = (f * tc + st) * 512;
+  // Feature strips of 16 blocks (1 KiB of each row of x), 32 tokens at a time across the strip: the reads of x
+  // stay sequential within a page.
+  constexpr int64_t STRIP = 16;
+  at::parallel_for(0, (kb16 + STRIP - 1) / STRIP, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t strip = s0; strip < s1; ++strip) {
+    const int64_t fa = strip * STRIP, fb = std::min(fa + STRIP, kb16);
+    __m512 sqs[STRIP];
+    for (auto& v : sqs) v = _mm512_setzero_ps();
+    for (int64_t st = 0; st < tc; ++st) {
+      for (int64_t f = fa; f < fb; ++f) {
+        const int64_t c0 = 16 * f, cols = std::min<int64_t>(16, k - c0);
+        const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(cols, 0)) - 1);
+        __m512& sq = sqs[f - fa];
+        const int64_t off = ((f / 2) * tc + st) * 1024 + (f % 2) * 512;
         uint32_t* bh = reinterpret_cast<uint32_t*>(hb + off);
         uint32_t* bl = lb ? reinterpret_cast<uint32_t*>(lb + off) : nullptr;
         for (int64_t p = 0; p < 16; ++p) {
@@ -184,16 +225,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
             sq = _mm512_add_ps(sq, _mm512_add_ps(_mm512_mul_ps(g0, g0), _mm512_mul_ps(g1, g1)));
           }
         }
-        uint32_t* ah = reinterpret_cast<uint32_t*>(ha + off);
-        for (int r = 0; r < 16; ++r)
-          for (int q = 0; q < 16; ++q) ah[16 * r + q] = bh[16 * q + r];
-        if (bl) {
-          uint32_t* al = reinterpret_cast<uint32_t*>(la + off);
-          for (int r = 0; r < 16; ++r)
-            for (int q = 0; q < 16; ++q) al[16 * r + q] = bl[16 * q + r];
-        }
+        transpose16x16(bh, reinterpret_cast<uint32_t*>(ha + off));
+        if (bl) transpose16x16(bl, reinterpret_cast<uint32_t*>(la + off));
       }
-      if (lo_sq && cols > 0) _mm512_mask_storeu_ps(lo_sq + c0, cm, sq);
+    }
+    for (int64_t f = fa; f < fb && lo_sq; ++f) {
+      const int64_t c0 = 16 * f, cols = std::min<int64_t>(16, k - c0);
+      if (cols > 0) _mm512_mask_storeu_ps(lo_sq + c0, __mmask16((1u << std::min<int64_t>(cols, 16)) - 1), sqs[f - fa]);
+    }
     }
   });
 }
@@ -227,9 +266,9 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k
           _tile_loadd(2, a + 512, 128);
           _tile_loadd(3, a + 528, 128);
           for (int64_t p = 0; p < pairs; ++p) {
-            const at::BFloat16 *a0 = a_ops[p] + (i0 / 16) * tc * 512, *a1 = a0 + tc * 512;
-            const at::BFloat16 *b0 = b_ops[p] + (j0 / 16) * tc * 512, *b1 = b0 + tc * 512;
-            for (int64_t s = c0 * 512; s < c1 * 512; s += 512) {
+            const at::BFloat16 *a0 = a_ops[p] + (i0 / 32) * tc * 1024, *a1 = a0 + 512;
+            const at::BFloat16 *b0 = b_ops[p] + (j0 / 32) * tc * 1024, *b1 = b0 + 512;
+            for (int64_t s = c0 * 1024; s < c1 * 1024; s += 1024) {
               _tile_loadd(4, a0 + s, 64);
               _tile_loadd(5, a1 + s, 64);
               _tile_loadd(6, b0 + s, 64);
