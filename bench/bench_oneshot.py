@@ -40,6 +40,7 @@ ONESHOT = {"wanda": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p),
            "sparsegpt+owl": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p, owl=OWL)}
 TEXT_METHODS = METHODS + ("wanda+owl", "sparsegpt+owl")
 RECON_METHODS = METHODS + ("sparsegpt (bf16 H)",)
+HDT_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", "split": "'split'", None: "None (default)"}
 ARCH_NAMES = {"gpt2": "GPT-2-style (LayerNorm, GELU MLP)", "llama": "Llama-style (RMSNorm, SwiGLU MLP)"}
 
 
@@ -200,8 +201,8 @@ def run_recon(args):
 def run_speed(args):
     """One 4096×4096 Linear, 128 batches of 2048 tokens (8 distinct batches cycled: same work, less memory).
 
-    Wanda runs whole (median of ``repeats``); SparseGPT's parts run once each, with the float32 and the bfloat16
-    Hessian (the float32 Hessian alone costs 20-90 s here, with the load). Then the kernels side by side: the
+    Wanda runs whole (median of ``repeats``); SparseGPT's parts with each Hessian mode (float32, the default, bf16),
+    the modes interleaved, medians of ``sg_repeats`` (the float32 Hessian alone costs 20-90 s here). Then the kernels side by side: the
     C++ column-block update against the torch loop on one 4096×128 block, and Wanda's k-th-value selection
     against a stable sort."""
     import statistics
@@ -226,33 +227,38 @@ def run_speed(args):
     rows.append({"method": "wanda", "part": "whole call (statistics + scores + selection)",
                  "seconds": statistics.median(times)})
     w = base.weight.detach().float()
-    keeps, news = {}, {}
-    for hdt in args.hessian_dtypes:
-        label = f"sparsegpt, hessian_dtype={str(hdt).replace('torch.', '')}"
-        first = len(rows)
-        t0 = time.perf_counter()
-        s = Stats("hessian", k, "cpu", hdt)
-        for x in calibration:
-            s.add(x)
-        value = s.finish()
-        rows.append({"method": label, "part": "Hessian XᵀX (upper triangle)", "seconds": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        upper, dead = inverse_hessian_factor(value, 0.01)
-        rows.append({"method": label, "part": "damp + Cholesky + inverse + Cholesky",
-                     "seconds": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        news[hdt], keeps[hdt] = sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
-        rows.append({"method": label, "part": "mask selection + column-block updates (cpu kernel)",
-                     "seconds": time.perf_counter() - t0})
-        rows.append({"method": label, "part": "total", "seconds": sum(r["seconds"] for r in rows[first:])})
-        del value, upper
+    keeps, news, parts = {}, {}, {}
+    for _ in range(args.sg_repeats):  # the modes interleaved, medians per part
+        for hdt in args.hessian_dtypes:
+            got = parts.setdefault(hdt, {"hessian": [], "factor": [], "prune": []})
+            t0 = time.perf_counter()
+            s = Stats("hessian", k, "cpu", hdt)
+            for x in calibration:
+                s.add(x)
+            value = s.finish()
+            got["hessian"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            upper, dead = inverse_hessian_factor(value, 0.01)
+            got["factor"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            news[hdt], keeps[hdt] = sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
+            got["prune"].append(time.perf_counter() - t0)
+            del value, upper
+    for hdt, got in parts.items():
+        label = f"sparsegpt, hessian_dtype={HDT_NAMES[hdt]}"
+        totals = [sum(v) for v in zip(*got.values())]
+        for part, name in (("hessian", "Hessian XᵀX (upper triangle)"),
+                           ("factor", "damp + Cholesky + inverse + Cholesky"),
+                           ("prune", "mask selection + column-block updates (cpu kernel)")):
+            rows.append({"method": label, "part": name, "seconds": statistics.median(got[part])})
+        rows.append({"method": label, "part": "total", "seconds": statistics.median(totals)})
     compare = ""
-    if len(news) == 2:
-        agree = float((keeps[torch.float32] == keeps[torch.bfloat16]).float().mean())
+    if torch.float32 in news:
         xe = distinct[0].float()
         err = {d: float((xe @ (w - news[d]).T).norm()) for d in news}
-        compare = (f" bf16 against fp32 Hessian on this layer (i.i.d. Gaussian inputs): mask agreement {agree:.4f}, "
-                   f"output error on one batch {err[torch.bfloat16] / err[torch.float32]:.4f}x.")
+        compare = " Against the float32 Hessian on this layer (i.i.d. Gaussian inputs): " + "; ".join(
+            f"{HDT_NAMES[d]}: mask agreement {float((keeps[d] == keeps[torch.float32]).float().mean()):.5f}, "
+            f"output error on one batch {err[d] / err[torch.float32]:.5f}x" for d in news if d != torch.float32) + "."
     x = distinct[0].float()
     h = torch.zeros(k, k)
     gemm = harness.time_providers({"gemm": lambda: h.addmm_(x.T, x)}, "cpu", repeats=3, inner=1)["gemm"]
@@ -282,7 +288,8 @@ def run_speed(args):
             f"For scale: one {args.tokens}×{k} XᵀX GEMM (fp32) takes {gemm:.3f} s here, so a full Hessian costs "
             f"{args.batches}×that = {args.batches * gemm:.1f} s (nnopt computes its upper triangle: ~0.6x). "
             f"Shared machine (load average {os.getloadavg()[0]:.1f} on 2 cores), {torch.get_num_threads()} torch "
-            f"threads.{compare}\n\n"
+            f"threads; SparseGPT parts: medians of {args.sg_repeats}, modes interleaved; default Hessian here: "
+            f"{'split (AMX)' if oneshot.split_hessian_available() else 'float32'}.{compare}\n\n"
             + harness.table(rows, ["method", "part", "seconds"]) + "\n\nKernels against torch's own ops "
             "(medians of 3, interleaved; the second row's baseline is a stable sort):\n\n"
             + harness.table(kernel_rows, ["op", "nnopt", "seconds", "torch loop s", "speedup"]))
@@ -362,18 +369,20 @@ def main():
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--batches", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sg-repeats", type=int, default=3, help="speed: SparseGPT runs per Hessian mode")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--method", default="sparsegpt")
-    p.add_argument("--hessian-dtype", default="both", choices=["float32", "bfloat16", "both"],
-                   help="speed: SparseGPT's Hessian dtype(s) to time")
+    p.add_argument("--hessian-dtype", default="all", choices=["float32", "bfloat16", "split", "default", "all"],
+                   help="speed: SparseGPT's Hessian mode(s) to time (all: float32, default, bfloat16)")
     p.add_argument("--atomic", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
-    args.hessian_dtypes = ((torch.float32, torch.bfloat16) if args.hessian_dtype == "both"
-                           else (getattr(torch, args.hessian_dtype),))
+    modes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "split": "split", "default": None}
+    args.hessian_dtypes = ((torch.float32, None, torch.bfloat16) if args.hessian_dtype == "all"
+                           else (modes[args.hessian_dtype],))
     if args.plot and not args.plot.endswith(".png"):
         p.error("--plot must name a .png file")
     if args.part == "text":
