@@ -3,6 +3,7 @@
     python bench/bench_oneshot.py text    [--steps 1500] [--cache /tmp/oneshot_lm.pt] [--plot bench/oneshot_ppl.png]
     python bench/bench_oneshot.py recon   # one layer, correlated unequally scaled inputs: output error ratios
     python bench/bench_oneshot.py speed   # one 4096×4096 layer, 128×2048 calibration tokens
+    python bench/bench_oneshot.py hessian # each Hessian mode's error against float64 and its effect on SparseGPT
     python bench/bench_oneshot.py memory  # peak extra memory of a whole-model SparseGPT run (VmHWM)
 
 text: a GPT-2-style byte LM (transformers config, random init) trained on this machine on the standard library's
@@ -202,9 +203,9 @@ def run_speed(args):
     """One 4096×4096 Linear, 128 batches of 2048 tokens (8 distinct batches cycled: same work, less memory).
 
     Wanda runs whole (median of ``repeats``); SparseGPT's parts with each Hessian mode (float32, the default, bf16),
-    the modes interleaved, medians of ``sg_repeats`` (the float32 Hessian alone costs 20-90 s here). Then the kernels side by side: the
-    C++ column-block update against the torch loop on one 4096×128 block, and Wanda's k-th-value selection
-    against a stable sort."""
+    the modes interleaved, medians of ``sg_repeats`` (the float32 Hessian alone costs 20-90 s here). Then the
+    kernels side by side: the C++ column-block update against the torch loop on one 4096×128 block, and Wanda's
+    k-th-value selection against a stable sort."""
     import statistics
 
     from nnopt import backends
@@ -297,6 +298,54 @@ def run_speed(args):
     harness.append_results("bench_oneshot speed: one 4096×4096 layer", body)
 
 
+def run_hessian(args):
+    """Accuracy of each Hessian mode against the float64 XᵀX, and its effect on SparseGPT's decisions."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.prune.test_oneshot import correlated_inputs
+
+    from nnopt.prune.oneshot import Stats
+    from nnopt.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+
+    k, batches, tokens, out = args.hk, args.hbatches, args.tokens, 512
+    xs = [correlated_inputs(tokens, k, seed=i) for i in range(batches)]
+    for x in xs:
+        x[:, :8] *= 25  # a few large-magnitude channels, as LLM activations have
+    exact = torch.zeros(k, k, dtype=torch.float64)
+    for x in xs:
+        exact.addmm_(x.double().T, x.double())
+    w = torch.randn(out, k, generator=torch.Generator().manual_seed(0))
+    xe = torch.cat(xs[:4]).double()
+
+    def prune_with(h):
+        upper, dead = inverse_hessian_factor(h.double().clone(), 0.01)
+        new, keep = sparsegpt_prune(w.double(), upper, dead, "unstructured", 0.5, 128)
+        return keep, float((xe @ (w.double() - new).T).norm())
+
+    ref_keep, ref_err = prune_with(exact)
+    rows = []
+    for hdt in (torch.float32, "split", torch.bfloat16):
+        s = Stats("hessian", k, "cpu", hdt)
+        for x in xs:
+            s.add(x)
+        h = s.finish().double()
+        e = h - exact
+        keep, err = prune_with(h)
+        rows.append({"Hessian": HDT_NAMES[hdt], "rel. Frobenius error": f"{float(e.norm() / exact.norm()):.2e}",
+                     "max-abs error / max abs": f"{float(e.abs().max() / exact.abs().max()):.2e}",
+                     "max rel. error (diagonal)": f"{float((e.diagonal() / exact.diagonal()).abs().max()):.2e}",
+                     "mask agreement vs float64 H": f"{float((keep == ref_keep).float().mean()):.6f}",
+                     "output error / float64 H's": f"{err / ref_err:.6f}"})
+    body = (f"Inputs: {batches} batches of {tokens} tokens × {k} features (32 shared factors plus noise, "
+            "log-normal scales, 8 channels ×25 as LLM outlier features); errors of the float32 Hessian each mode "
+            f"accumulates against float64 XᵀX; then SparseGPT (50%, a {out}×{k} weight, float64 pruning) from "
+            "each Hessian: keep/prune decisions equal to those from the float64 Hessian, and the output error "
+            "||X(W − Ŵ)ᵀ|| on 4 batches relative to the float64 Hessian's. AMX usable here: "
+            f"{oneshot.split_hessian_available()} ('split' = the default; bfloat16 on AMX accumulates in "
+            "float32 over each batch).\n\n" + harness.table(rows, list(rows[0])))
+    print(body)
+    harness.append_results("bench_oneshot hessian: accuracy of the Hessian modes", body)
+
+
 def _memory_child(args):
     """Runs in a fresh process: peak RSS growth (VmHWM after resetting it) of one whole-model run."""
     from nnopt.demo import lm
@@ -353,7 +402,9 @@ def run_memory(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["text", "recon", "speed", "memory", "memory-child"])
+    p.add_argument("part", choices=["text", "recon", "speed", "hessian", "memory", "memory-child"])
+    p.add_argument("--hk", type=int, default=1024, help="hessian: features")
+    p.add_argument("--hbatches", type=int, default=32, help="hessian: calibration batches")
     p.add_argument("--steps", type=int, default=1500)
     p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="text: the LM's architecture")
     p.add_argument("--batch", type=int, default=16)
@@ -392,6 +443,8 @@ def main():
         run_recon(args)
     elif args.part == "speed":
         run_speed(args)
+    elif args.part == "hessian":
+        run_hessian(args)
     else:
         args.d_model = args.d_model or 512
         (run_memory if args.part == "memory" else _memory_child)(args)
