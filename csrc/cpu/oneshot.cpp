@@ -238,13 +238,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
 }
 
 // Task (i-group, j): up to 4 blocks (i, j) of 32×32, i in the group, i <= j. The token loop runs in chunks of
-// CHUNK 32-token steps: within a chunk the j block's B tiles (hi and lo: 32 KiB) stay in L1 for the group's 4
+// CHUNK 32-token steps: within a chunk the j block's B tiles (hi and lo: 16 KiB) stay in L1 for the group's 4
 // blocks while their A tiles come from L2; each block's four accumulator tiles go to and from an L1 buffer
 // between chunks (8 KiB per 3 × 4 × CHUNK tile products).
 __attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k, const at::BFloat16* const* a_ops,
                                                             const at::BFloat16* const* b_ops, int64_t pairs,
-                                                            int64_t tc, const std::vector<std::array<int32_t, 3>>& tasks) {
-  constexpr int64_t CHUNK = 8;
+                                                            int64_t tc,
+                                                            const std::vector<std::array<int32_t, 3>>& tasks) {
+  constexpr int64_t CHUNK = 4;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b0, int64_t b1) {
     TileConfig cfg;
     for (int t = 0; t < 8; ++t) {
