@@ -3,6 +3,7 @@
     python bench/bench_oneshot.py text    [--steps 1500] [--cache /tmp/oneshot_lm.pt] [--plot bench/oneshot_ppl.png]
     python bench/bench_oneshot.py recon   # one layer, correlated unequally scaled inputs: output error ratios
     python bench/bench_oneshot.py speed   # one 4096×4096 layer, 128×2048 calibration tokens
+    python bench/bench_oneshot.py hessian # each Hessian mode's error against float64 and its effect on SparseGPT
     python bench/bench_oneshot.py memory  # peak extra memory of a whole-model SparseGPT run (VmHWM)
 
 text: a GPT-2-style byte LM (transformers config, random init) trained on this machine on the standard library's
@@ -40,6 +41,8 @@ ONESHOT = {"wanda": lambda m, c, s, p: prune.wanda(m, c, s, pattern=p),
            "sparsegpt+owl": lambda m, c, s, p: prune.sparsegpt(m, c, s, pattern=p, owl=OWL)}
 TEXT_METHODS = METHODS + ("wanda+owl", "sparsegpt+owl")
 RECON_METHODS = METHODS + ("sparsegpt (bf16 H)",)
+HDT_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", "split": "'split'", None: "None (default)"}
+ARCH_NAMES = {"gpt2": "GPT-2-style (LayerNorm, GELU MLP)", "llama": "Llama-style (RMSNorm, SwiGLU MLP)"}
 
 
 def magnitude(model, pattern, sparsity):
@@ -57,7 +60,7 @@ def magnitude(model, pattern, sparsity):
 def train_lm(args, corpus):
     from nnopt.demo import lm
 
-    model = lm.build("gpt2", d_model=args.d_model, n_layers=args.layers, n_heads=4, seq_len=args.seq)
+    model = lm.build(args.arch, d_model=args.d_model, n_layers=args.layers, n_heads=4, seq_len=args.seq)
     if args.cache and os.path.exists(args.cache):
         saved = torch.load(args.cache)
         model.load_state_dict(saved["state"])
@@ -113,12 +116,12 @@ def run_text(args):
     owl_50 = {meth: inc[("50%", meth + "+owl")] / inc[("50%", "magnitude")] for meth in ("wanda", "sparsegpt")}
     bar_50 = {meth: inc[("50%", meth)] / inc[("50%", "magnitude")] for meth in METHODS[1:]}
     lines = [
-        f"GPT-2-style byte LM (d_model {args.d_model}, {args.layers} blocks, context {args.seq}, "
+        f"{ARCH_NAMES[args.arch]} byte LM (d_model {args.d_model}, {args.layers} blocks, context {args.seq}, "
         f"{sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters), trained {args.steps} steps "
         f"(batch {args.batch}) on {corpus.source}" + (f" in {train_s:.0f} s" if train_s else " (cached)") + "; "
         f"held-out perplexity on {args.eval_windows} windows of {args.seq} bytes; 128 calibration sequences "
-        "from the training split. Same layers pruned by every method (the blocks' Conv1D layers; wte/lm_head "
-        "dense). Shared, loaded machine.", "",
+        "from the training split. Same layers pruned by every method (every linear layer of the blocks; "
+        "embeddings and lm_head dense). Shared, loaded machine.", "",
         harness.table(rows, ["setting", "dense", *TEXT_METHODS]), "",
         "Seconds per pruning run:", "",
         harness.table(rows, ["setting"] + [m + " s" for m in TEXT_METHODS]), "",
@@ -129,14 +132,14 @@ def run_text(args):
          f"vs Wanda {ppl[('2:4', 'wanda')]:.3f} (bar: SparseGPT <= Wanda)."),
     ]
     if args.plot:
-        plot(rows, dense, args.plot)
+        plot(rows, dense, args.plot, ARCH_NAMES[args.arch])
         lines += ["", f"Plot: `{os.path.relpath(args.plot, os.path.dirname(harness.RESULTS))}`."]
     body = "\n".join(lines)
     print(body)
     harness.append_results("bench_oneshot text: held-out perplexity after one-shot pruning", body)
 
 
-def plot(rows, dense, path):
+def plot(rows, dense, path, arch="GPT-2-style"):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -151,7 +154,7 @@ def plot(rows, dense, path):
     ax.set_xticks(range(len(rows)), [r["setting"] for r in rows])
     ax.set_yscale("log")
     ax.set_ylabel("held-out perplexity (log scale)")
-    ax.set_title("One-shot pruning of a byte-level GPT-2 trained on the stdlib's sources")
+    ax.set_title(f"One-shot pruning of a {arch} byte LM trained on the stdlib's sources")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -199,10 +202,10 @@ def run_recon(args):
 def run_speed(args):
     """One 4096×4096 Linear, 128 batches of 2048 tokens (8 distinct batches cycled: same work, less memory).
 
-    Wanda runs whole (median of ``repeats``); SparseGPT's parts run once each, with the float32 and the bfloat16
-    Hessian (the float32 Hessian alone costs 20-90 s here, with the load). Then the kernels side by side: the
-    C++ column-block update against the torch loop on one 4096×128 block, and Wanda's k-th-value selection
-    against a stable sort."""
+    Wanda runs whole (median of ``repeats``); SparseGPT's parts with each Hessian mode (float32, the default, bf16),
+    the modes interleaved, medians of ``sg_repeats`` (the float32 Hessian alone costs 20-90 s here). Then the
+    kernels side by side: the C++ column-block update against the torch loop on one 4096×128 block, and Wanda's
+    k-th-value selection against a stable sort."""
     import statistics
 
     from nnopt import backends
@@ -225,33 +228,38 @@ def run_speed(args):
     rows.append({"method": "wanda", "part": "whole call (statistics + scores + selection)",
                  "seconds": statistics.median(times)})
     w = base.weight.detach().float()
-    keeps, news = {}, {}
-    for hdt in args.hessian_dtypes:
-        label = f"sparsegpt, hessian_dtype={str(hdt).replace('torch.', '')}"
-        first = len(rows)
-        t0 = time.perf_counter()
-        s = Stats("hessian", k, "cpu", hdt)
-        for x in calibration:
-            s.add(x)
-        value = s.finish()
-        rows.append({"method": label, "part": "Hessian XᵀX (upper triangle)", "seconds": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        upper, dead = inverse_hessian_factor(value, 0.01)
-        rows.append({"method": label, "part": "damp + Cholesky + inverse + Cholesky",
-                     "seconds": time.perf_counter() - t0})
-        t0 = time.perf_counter()
-        news[hdt], keeps[hdt] = sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
-        rows.append({"method": label, "part": "mask selection + column-block updates (cpu kernel)",
-                     "seconds": time.perf_counter() - t0})
-        rows.append({"method": label, "part": "total", "seconds": sum(r["seconds"] for r in rows[first:])})
-        del value, upper
+    keeps, news, parts = {}, {}, {}
+    for _ in range(args.sg_repeats):  # the modes interleaved, medians per part
+        for hdt in args.hessian_dtypes:
+            got = parts.setdefault(hdt, {"hessian": [], "factor": [], "prune": []})
+            t0 = time.perf_counter()
+            s = Stats("hessian", k, "cpu", hdt)
+            for x in calibration:
+                s.add(x)
+            value = s.finish()
+            got["hessian"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            upper, dead = inverse_hessian_factor(value, 0.01)
+            got["factor"].append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            news[hdt], keeps[hdt] = sparsegpt_prune(w, upper, dead, "unstructured", 0.5, 128, backend="cpu")
+            got["prune"].append(time.perf_counter() - t0)
+            del value, upper
+    for hdt, got in parts.items():
+        label = f"sparsegpt, hessian_dtype={HDT_NAMES[hdt]}"
+        totals = [sum(v) for v in zip(*got.values())]
+        for part, name in (("hessian", "Hessian XᵀX (upper triangle)"),
+                           ("factor", "damp + Cholesky + inverse + Cholesky"),
+                           ("prune", "mask selection + column-block updates (cpu kernel)")):
+            rows.append({"method": label, "part": name, "seconds": statistics.median(got[part])})
+        rows.append({"method": label, "part": "total", "seconds": statistics.median(totals)})
     compare = ""
-    if len(news) == 2:
-        agree = float((keeps[torch.float32] == keeps[torch.bfloat16]).float().mean())
+    if torch.float32 in news:
         xe = distinct[0].float()
         err = {d: float((xe @ (w - news[d]).T).norm()) for d in news}
-        compare = (f" bf16 against fp32 Hessian on this layer (i.i.d. Gaussian inputs): mask agreement {agree:.4f}, "
-                   f"output error on one batch {err[torch.bfloat16] / err[torch.float32]:.4f}x.")
+        compare = " Against the float32 Hessian on this layer (i.i.d. Gaussian inputs): " + "; ".join(
+            f"{HDT_NAMES[d]}: mask agreement {float((keeps[d] == keeps[torch.float32]).float().mean()):.5f}, "
+            f"output error on one batch {err[d] / err[torch.float32]:.5f}x" for d in news if d != torch.float32) + "."
     x = distinct[0].float()
     h = torch.zeros(k, k)
     gemm = harness.time_providers({"gemm": lambda: h.addmm_(x.T, x)}, "cpu", repeats=3, inner=1)["gemm"]
@@ -281,12 +289,61 @@ def run_speed(args):
             f"For scale: one {args.tokens}×{k} XᵀX GEMM (fp32) takes {gemm:.3f} s here, so a full Hessian costs "
             f"{args.batches}×that = {args.batches * gemm:.1f} s (nnopt computes its upper triangle: ~0.6x). "
             f"Shared machine (load average {os.getloadavg()[0]:.1f} on 2 cores), {torch.get_num_threads()} torch "
-            f"threads.{compare}\n\n"
+            f"threads; SparseGPT parts: medians of {args.sg_repeats}, modes interleaved; default Hessian here: "
+            f"{'split (AMX)' if oneshot.split_hessian_available() else 'float32'}.{compare}\n\n"
             + harness.table(rows, ["method", "part", "seconds"]) + "\n\nKernels against torch's own ops "
             "(medians of 3, interleaved; the second row's baseline is a stable sort):\n\n"
             + harness.table(kernel_rows, ["op", "nnopt", "seconds", "torch loop s", "speedup"]))
     print(body)
     harness.append_results("bench_oneshot speed: one 4096×4096 layer", body)
+
+
+def run_hessian(args):
+    """Accuracy of each Hessian mode against the float64 XᵀX, and its effect on SparseGPT's decisions."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+    from tests.prune.test_oneshot import correlated_inputs
+
+    from nnopt.prune.oneshot import Stats
+    from nnopt.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
+
+    k, batches, tokens, out = args.hk, args.hbatches, args.tokens, 512
+    xs = [correlated_inputs(tokens, k, seed=i) for i in range(batches)]
+    for x in xs:
+        x[:, :8] *= 25  # a few large-magnitude channels, as LLM activations have
+    exact = torch.zeros(k, k, dtype=torch.float64)
+    for x in xs:
+        exact.addmm_(x.double().T, x.double())
+    w = torch.randn(out, k, generator=torch.Generator().manual_seed(0))
+    xe = torch.cat(xs[:4]).double()
+
+    def prune_with(h):
+        upper, dead = inverse_hessian_factor(h.double().clone(), 0.01)
+        new, keep = sparsegpt_prune(w.double(), upper, dead, "unstructured", 0.5, 128)
+        return keep, float((xe @ (w.double() - new).T).norm())
+
+    ref_keep, ref_err = prune_with(exact)
+    rows = []
+    for hdt in (torch.float32, "split", torch.bfloat16):
+        s = Stats("hessian", k, "cpu", hdt)
+        for x in xs:
+            s.add(x)
+        h = s.finish().double()
+        e = h - exact
+        keep, err = prune_with(h)
+        rows.append({"Hessian": HDT_NAMES[hdt], "rel. Frobenius error": f"{float(e.norm() / exact.norm()):.2e}",
+                     "max-abs error / max abs": f"{float(e.abs().max() / exact.abs().max()):.2e}",
+                     "max rel. error (diagonal)": f"{float((e.diagonal() / exact.diagonal()).abs().max()):.2e}",
+                     "mask agreement vs float64 H": f"{float((keep == ref_keep).float().mean()):.6f}",
+                     "output error / float64 H's": f"{err / ref_err:.6f}"})
+    body = (f"Inputs: {batches} batches of {tokens} tokens × {k} features (32 shared factors plus noise, "
+            "log-normal scales, 8 channels ×25 as LLM outlier features); errors of the float32 Hessian each mode "
+            f"accumulates against float64 XᵀX; then SparseGPT (50%, a {out}×{k} weight, float64 pruning) from "
+            "each Hessian: keep/prune decisions equal to those from the float64 Hessian, and the output error "
+            "||X(W − Ŵ)ᵀ|| on 4 batches relative to the float64 Hessian's. AMX usable here: "
+            f"{oneshot.split_hessian_available()} ('split' = the default; bfloat16 on AMX accumulates in "
+            "float32 over each batch).\n\n" + harness.table(rows, list(rows[0])))
+    print(body)
+    harness.append_results("bench_oneshot hessian: accuracy of the Hessian modes", body)
 
 
 def _memory_child(args):
@@ -345,8 +402,11 @@ def run_memory(args):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("part", choices=["text", "recon", "speed", "memory", "memory-child"])
+    p.add_argument("part", choices=["text", "recon", "speed", "hessian", "memory", "memory-child"])
+    p.add_argument("--hk", type=int, default=1024, help="hessian: features")
+    p.add_argument("--hbatches", type=int, default=32, help="hessian: calibration batches")
     p.add_argument("--steps", type=int, default=1500)
+    p.add_argument("--arch", default="gpt2", choices=["gpt2", "llama"], help="text: the LM's architecture")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--seq", type=int, default=128)
@@ -360,18 +420,20 @@ def main():
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--batches", type=int, default=128)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--sg-repeats", type=int, default=3, help="speed: SparseGPT runs per Hessian mode")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--method", default="sparsegpt")
-    p.add_argument("--hessian-dtype", default="both", choices=["float32", "bfloat16", "both"],
-                   help="speed: SparseGPT's Hessian dtype(s) to time")
+    p.add_argument("--hessian-dtype", default="all", choices=["float32", "bfloat16", "split", "default", "all"],
+                   help="speed: SparseGPT's Hessian mode(s) to time (all: float32, default, bfloat16)")
     p.add_argument("--atomic", action="store_true")
     p.add_argument("--threads", type=int, default=None, help="torch threads (1 is fastest on a loaded machine)")
     args = p.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     args.dtype = getattr(torch, args.dtype)
-    args.hessian_dtypes = ((torch.float32, torch.bfloat16) if args.hessian_dtype == "both"
-                           else (getattr(torch, args.hessian_dtype),))
+    modes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "split": "split", "default": None}
+    args.hessian_dtypes = ((torch.float32, None, torch.bfloat16) if args.hessian_dtype == "all"
+                           else (modes[args.hessian_dtype],))
     if args.plot and not args.plot.endswith(".png"):
         p.error("--plot must name a .png file")
     if args.part == "text":
@@ -381,6 +443,8 @@ def main():
         run_recon(args)
     elif args.part == "speed":
         run_speed(args)
+    elif args.part == "hessian":
+        run_hessian(args)
     else:
         args.d_model = args.d_model or 512
         (run_memory if args.part == "memory" else _memory_child)(args)

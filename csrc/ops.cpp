@@ -150,6 +150,12 @@ TORCH_LIBRARY(nnopt, m) {
   // column's error e = (w - q) / u_ii to err and subtracts e * u[i, i+1:] from the later columns; w ends pruned.
   // u [count, count] (w's dtype), pruned bool, err like w; all contiguous, float32 or float64.
   m.def("sparsegpt_block_(Tensor(a!) w, Tensor u, Tensor(b!) pruned, Tensor(c!) err, int n, int m) -> ()");
+  // SparseGPT's calibration Hessian on bf16 matrix units (family: oneshot; oracle nnopt/reference/oneshot.py,
+  // hessian_accumulate): h [K, K] float32 += the upper triangle (i <= j) of hiᵀhi (terms 1) or of
+  // hiᵀhi + hiᵀlo + loᵀhi + diag(loᵀlo) (terms 3), hi = bf16(x), lo = bf16(x - hi), x [T, K] float32.
+  // amx_bf16_usable: whether this process runs those products on AMX tiles (CPU capability + the OS's grant).
+  m.def("hessian_accumulate_(Tensor(a!) h, Tensor x, int terms) -> ()");
+  m.def("amx_bf16_usable() -> bool");
   // Optimizer steps with low-precision states (family: quant_optim; formats, quantizer and oracle:
   // nnopt/reference/quant_optim.py). `op` names the fused_optim step whose element update runs (sgd_step,
   // adam_step, adagrad_step, rmsprop_step); states<k>/scales<k> are its state slots in argument order (codes and

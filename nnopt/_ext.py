@@ -17,7 +17,7 @@ OPS = {
     "masked_linear": ("masked_linear", "masked_linear_dx", "masked_linear_dw", "masked_linear_pack",
                       "masked_linear_packed"),
     "distill_loss": ("distill_loss_fwd",),
-    "oneshot": ("sparsegpt_block",),
+    "oneshot": ("sparsegpt_block", "hessian_accumulate"),
     "quant_optim": ("quant_step",),
 }
 # Ops that mutate their first arguments carry torch's trailing underscore; the others return a new tensor.
@@ -60,6 +60,7 @@ def _register_fakes():
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
     # SparseGPT's column-block update works in place on its w, pruned and err arguments.
     torch.library.register_fake("nnopt::sparsegpt_block_")(_noop)
+    torch.library.register_fake("nnopt::hessian_accumulate_")(_noop)
     torch.library.register_fake("nnopt::quant_step_")(_noop)
     # The masked linear products allocate their results: the fakes give shape, dtype and device.
     torch.library.register_fake("nnopt::masked_linear")(

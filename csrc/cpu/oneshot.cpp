@@ -16,9 +16,26 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+
 #include <algorithm>
+#include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
 #include <vector>
+
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <immintrin.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define NNOPT_AMX 1
+#endif
 
 namespace nnopt {
 namespace {
@@ -92,10 +109,272 @@ void sparsegpt_block_cpu(Tensor& w, const Tensor& u, Tensor& pruned, Tensor& err
   });
 }
 
+// ---- the calibration Hessian on bf16 matrix units -----------------------------------------------------------
+//
+// hessian_accumulate_(h, x, terms): h [K, K] float32 += the upper triangle (i <= j; the rest untouched) of
+//     terms 1: hiᵀhi                                           hi = bf16(x), lo = bf16(x - hi)
+//     terms 3: hiᵀhi + hiᵀlo + loᵀhi + diag(loᵀlo)              (~16 mantissa bits of x: float32-class accuracy)
+// for x [T, K] float32. Every product of two bf16 values is exact in float32, so the error is only x's split
+// (the omitted off-diagonal loᵀlo, ~2^-16 relative, zero-mean) and float32 accumulation; the diagonal loᵀlo is a
+// bias (Σ lo² > 0) and costs O(TK), so it is kept.
+//
+// With AMX (Sapphire Rapids and later, after the kernel grants the tile state), the products run as
+// TDPBF16PS tiles that accumulate in float32 over the whole batch: oneDNN's bf16 GEMM would round each batch's
+// product to bf16 (no float32 output on CPU in torch), which made the old hessian_dtype=bfloat16 path lossy.
+// Operands (one pass over x, pack_split): A tiles of hiᵀ/loᵀ (a tile row = one feature over 32 tokens) and B
+// tiles of hi/lo in the VNNI layout (a tile row = 16 features × a token pair), 1 KiB each, the two tiles of a
+// 32-wide block and 32-token step adjacent (the kernel's four loads per step read 4 KiB of consecutive memory),
+// on 2 MiB pages; T and K zero-padded to 32s. Tasks and blocking: amx_blocks. Without AMX (or NNOPT_AMX=0) the
+// same products run as float32 GEMMs (exact products, float32 accumulation; slower than plain float32, so the
+// Python side picks terms 3 by default only where amx_bf16_usable() is true).
+
+#ifdef NNOPT_AMX
+bool amx_probe() {
+  const char* env = std::getenv("NNOPT_AMX");  // NNOPT_AMX=0: the portable path (tests, comparisons)
+  if (env && std::strcmp(env, "0") == 0) return false;
+  unsigned a = 0, b = 0, c = 0, d = 0;
+  if (!__get_cpuid_count(7, 0, &a, &b, &c, &d)) return false;
+  const bool tile = d & (1u << 24), bf16 = d & (1u << 22);
+  if (!tile || !bf16) return false;
+  // Linux hands out the AMX tile state (XTILEDATA, feature 18) per process on request (ARCH_REQ_XCOMP_PERM).
+  return syscall(SYS_arch_prctl, 0x1023, 18) == 0;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start_row = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// dst = srcᵀ for a 16×16 matrix of 32-bit words (both 64-byte aligned, rows of 16 words): 4 rounds of shuffles.
+__attribute__((target("avx512f"))) inline void transpose16x16(const uint32_t* src, uint32_t* dst) {
+  __m512i r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_load_si512(src + 16 * i);
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // r[4g + c] holds, in each 128-bit lane L, column 4L + c of rows 4g..4g+3.
+  for (int c = 0; c < 4; ++c) {
+    for (int g = 0; g < 4; g += 2) {
+      t[4 * g + c] = _mm512_shuffle_i32x4(r[4 * g + c], r[4 * (g + 1) + c], 0x88);      // lanes 0, 2
+      t[4 * g + c + 4] = _mm512_shuffle_i32x4(r[4 * g + c], r[4 * (g + 1) + c], 0xDD);  // lanes 1, 3
+    }
+  }
+  // t[c], t[4+c] (rows 0-7) and t[8+c], t[12+c] (rows 8-15) hold lanes (0, 2) and (1, 3) of their two row
+  // groups; one more lane shuffle gives output row 4L + c = column 4L + c of src.
+  for (int c = 0; c < 4; ++c) {
+    for (int h = 0; h < 2; ++h) {
+      const __m512i lo = t[4 * h + c], hi = t[8 + 4 * h + c];
+      _mm512_store_si512(dst + 16 * (c + 4 * h), _mm512_shuffle_i32x4(lo, hi, 0x88));
+      _mm512_store_si512(dst + 16 * (c + 8 + 4 * h), _mm512_shuffle_i32x4(lo, hi, 0xDD));
+    }
+  }
+}
+
+// One pass over x: hi = bf16(x) and lo = bf16(x - hi) (round to nearest even, as torch's .to(bfloat16)) straight
+// into the tile layouts, with Σ_t lo² per feature (the diagonal loᵀlo). Tile (f, s) covers features 16f.. and
+// tokens 32s..; out-of-range tokens/features are zeros. The B tile row p interleaves tokens 2p and 2p+1; read as
+// 32-bit words the A tile is the B tile transposed (word (r, p) = tokens 2p, 2p+1 of feature r).
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const float* x, int64_t ld, int64_t t,
+                                                                      int64_t k, int64_t tc, int64_t kb16,
+                                                                      uint16_t* ha, uint16_t* hb, uint16_t* la,
+                                                                      uint16_t* lb, float* lo_sq) {
+  alignas(64) uint16_t idx_v[32];
+  for (int q = 0; q < 16; ++q) {
+    idx_v[2 * q] = uint16_t(q);
+    idx_v[2 * q + 1] = uint16_t(16 + q);
+  }
+  const __m512i idx = _mm512_load_si512(idx_v);
+  // Feature strips of 16 blocks (1 KiB of each row of x), 32 tokens at a time across the strip: the reads of x
+  // stay sequential within a page.
+  constexpr int64_t STRIP = 16;
+  at::parallel_for(0, (kb16 + STRIP - 1) / STRIP, 1, [&](int64_t s0, int64_t s1) {
+    for (int64_t strip = s0; strip < s1; ++strip) {
+    const int64_t fa = strip * STRIP, fb = std::min(fa + STRIP, kb16);
+    __m512 sqs[STRIP];
+    for (auto& v : sqs) v = _mm512_setzero_ps();
+    for (int64_t st = 0; st < tc; ++st) {
+      for (int64_t f = fa; f < fb; ++f) {
+        const int64_t c0 = 16 * f, cols = std::min<int64_t>(16, k - c0);
+        const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(cols, 0)) - 1);
+        __m512& sq = sqs[f - fa];
+        const int64_t off = ((f / 2) * tc + st) * 1024 + (f % 2) * 512;
+        uint32_t* bh = reinterpret_cast<uint32_t*>(hb + off);
+        uint32_t* bl = lb ? reinterpret_cast<uint32_t*>(lb + off) : nullptr;
+        for (int64_t p = 0; p < 16; ++p) {
+          const int64_t r0 = 32 * st + 2 * p, r1 = r0 + 1;
+          const __m512 x0 = r0 < t && cols > 0 ? _mm512_maskz_loadu_ps(cm, x + r0 * ld + c0) : _mm512_setzero_ps();
+          const __m512 x1 = r1 < t && cols > 0 ? _mm512_maskz_loadu_ps(cm, x + r1 * ld + c0) : _mm512_setzero_ps();
+          const __m256bh h0 = _mm512_cvtneps_pbh(x0), h1 = _mm512_cvtneps_pbh(x1);
+          const __m512i hh = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)h0), (__m256i)h1, 1);
+          _mm512_store_si512(bh + 16 * p, _mm512_permutexvar_epi16(idx, hh));
+          if (bl) {
+            const __m256bh l0 = _mm512_cvtneps_pbh(_mm512_sub_ps(x0, _mm512_cvtpbh_ps(h0)));
+            const __m256bh l1 = _mm512_cvtneps_pbh(_mm512_sub_ps(x1, _mm512_cvtpbh_ps(h1)));
+            const __m512i ll = _mm512_inserti64x4(_mm512_castsi256_si512((__m256i)l0), (__m256i)l1, 1);
+            _mm512_store_si512(bl + 16 * p, _mm512_permutexvar_epi16(idx, ll));
+            const __m512 g0 = _mm512_cvtpbh_ps(l0), g1 = _mm512_cvtpbh_ps(l1);
+            sq = _mm512_add_ps(sq, _mm512_add_ps(_mm512_mul_ps(g0, g0), _mm512_mul_ps(g1, g1)));
+          }
+        }
+        transpose16x16(bh, reinterpret_cast<uint32_t*>(ha + off));
+        if (bl) transpose16x16(bl, reinterpret_cast<uint32_t*>(la + off));
+      }
+    }
+    for (int64_t f = fa; f < fb && lo_sq; ++f) {
+      const int64_t c0 = 16 * f, cols = std::min<int64_t>(16, k - c0);
+      if (cols > 0) _mm512_mask_storeu_ps(lo_sq + c0, __mmask16((1u << std::min<int64_t>(cols, 16)) - 1), sqs[f - fa]);
+    }
+    }
+  });
+}
+
+// Task (i-group, j): up to 4 blocks (i, j) of 32×32, i in the group, i <= j. The token loop runs in chunks of
+// CHUNK 32-token steps: within a chunk the j block's B tiles (hi and lo: 16 KiB) stay in L1 for the group's 4
+// blocks while their A tiles come from L2; each block's four accumulator tiles go to and from an L1 buffer
+// between chunks (8 KiB per 3 × 4 × CHUNK tile products).
+__attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k, const at::BFloat16* const* a_ops,
+                                                            const at::BFloat16* const* b_ops, int64_t pairs,
+                                                            int64_t tc,
+                                                            const std::vector<std::array<int32_t, 3>>& tasks) {
+  constexpr int64_t CHUNK = 4;
+  at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b0, int64_t b1) {
+    TileConfig cfg;
+    for (int t = 0; t < 8; ++t) {
+      cfg.rows[t] = 16;
+      cfg.colsb[t] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    alignas(64) float acc[4][32][32];
+    for (int64_t task = b0; task < b1; ++task) {
+      const int64_t ig = tasks[task][0], ni = tasks[task][1], j0 = 32 * int64_t(tasks[task][2]);
+      std::memset(acc, 0, sizeof(acc));
+      for (int64_t c0 = 0; c0 < tc; c0 += CHUNK) {
+        const int64_t c1 = std::min(c0 + CHUNK, tc);
+        for (int64_t ii = 0; ii < ni; ++ii) {
+          const int64_t i0 = 32 * (ig + ii);
+          float* a = &acc[ii][0][0];
+          _tile_loadd(0, a, 128);
+          _tile_loadd(1, a + 16, 128);
+          _tile_loadd(2, a + 512, 128);
+          _tile_loadd(3, a + 528, 128);
+          for (int64_t p = 0; p < pairs; ++p) {
+            const at::BFloat16 *a0 = a_ops[p] + (i0 / 32) * tc * 1024, *a1 = a0 + 512;
+            const at::BFloat16 *b0 = b_ops[p] + (j0 / 32) * tc * 1024, *b1 = b0 + 512;
+            for (int64_t s = c0 * 1024; s < c1 * 1024; s += 1024) {
+              _tile_loadd(4, a0 + s, 64);
+              _tile_loadd(5, a1 + s, 64);
+              _tile_loadd(6, b0 + s, 64);
+              _tile_loadd(7, b1 + s, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+          }
+          _tile_stored(0, a, 128);
+          _tile_stored(1, a + 16, 128);
+          _tile_stored(2, a + 512, 128);
+          _tile_stored(3, a + 528, 128);
+        }
+      }
+      const int64_t j_end = std::min<int64_t>(j0 + 32, k);
+      for (int64_t ii = 0; ii < ni; ++ii) {
+        const int64_t i0 = 32 * (ig + ii), i_end = std::min<int64_t>(i0 + 32, k);
+        for (int64_t i = i0; i < i_end; ++i) {
+          float* hr = h + i * k;
+          for (int64_t j = std::max(j0, i); j < j_end; ++j) hr[j] += acc[ii][i - i0][j - j0];
+        }
+      }
+    }
+    _tile_release();
+  });
+}
+#endif
+
+bool amx_bf16_usable() {
+#ifdef NNOPT_AMX
+  static const bool ok = amx_probe();
+  return ok;
+#else
+  return false;
+#endif
+}
+
+void hessian_accumulate_cpu(Tensor& h, const Tensor& x, int64_t terms) {
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == at::kFloat && x.device().is_cpu(),
+              "hessian_accumulate_: x must be a 2-D float32 CPU tensor [tokens, K], got ", x.sizes(), " ",
+              x.scalar_type());
+  const int64_t t = x.size(0), k = x.size(1);
+  TORCH_CHECK(h.dim() == 2 && h.size(0) == k && h.size(1) == k && h.is_contiguous() &&
+                  h.scalar_type() == at::kFloat && h.device().is_cpu(),
+              "hessian_accumulate_: h must be a contiguous float32 CPU tensor [", k, ", ", k, "], got ", h.sizes(),
+              " ", h.scalar_type());
+  TORCH_CHECK(terms == 1 || terms == 3, "hessian_accumulate_: terms must be 1 (hiᵀhi) or 3 (split), got ", terms);
+  if (t == 0 || k == 0) return;
+#ifdef NNOPT_AMX
+  if (amx_bf16_usable()) {
+    const int64_t kp = (k + 31) / 32 * 32, tp = (t + 31) / 32 * 32, tc = tp / 32, kb16 = kp / 16;
+    const Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+    auto opts = x.options().dtype(at::kBFloat16);
+    // Tiles [Kp/16, Tp/32, 512 bf16]: every tile load reads 16 consecutive cache lines.
+    const Tensor ha = at::empty({kb16, tc, 512}, opts), hb = at::empty({kb16, tc, 512}, opts);
+    const bool split = terms == 3;
+    const Tensor la = split ? at::empty({kb16, tc, 512}, opts) : Tensor();
+    const Tensor lb = split ? at::empty({kb16, tc, 512}, opts) : Tensor();
+    const Tensor lo_sq = split ? at::empty({k}, x.options()) : Tensor();
+    auto u16 = [](const Tensor& v) { return v.defined() ? reinterpret_cast<uint16_t*>(v.data_ptr()) : nullptr; };
+    pack_split(xc.const_data_ptr<float>(), xc.stride(0), t, k, tc, kb16, u16(ha), u16(hb), u16(la), u16(lb),
+               split ? lo_sq.data_ptr<float>() : nullptr);
+    std::vector<const at::BFloat16*> as{ha.const_data_ptr<at::BFloat16>()}, bs{hb.const_data_ptr<at::BFloat16>()};
+    if (split) {
+      as.push_back(ha.const_data_ptr<at::BFloat16>());
+      bs.push_back(lb.const_data_ptr<at::BFloat16>());
+      as.push_back(la.const_data_ptr<at::BFloat16>());
+      bs.push_back(hb.const_data_ptr<at::BFloat16>());
+    }
+    // Tasks (first block row of a group of 4, blocks in the group with i <= j, j), group-major: consecutive tasks
+    // of a thread share the group's A strips (L2).
+    std::vector<std::array<int32_t, 3>> tasks;
+    const int64_t nb = kp / 32;
+    for (int64_t g = 0; g < nb; g += 4)
+      for (int64_t j = g; j < nb; ++j)
+        tasks.push_back({int32_t(g), int32_t(std::min<int64_t>({4, nb - g, j - g + 1})), int32_t(j)});
+    amx_blocks(h.data_ptr<float>(), k, as.data(), bs.data(), static_cast<int64_t>(as.size()), tc, tasks);
+    if (split) h.diagonal().add_(lo_sq);
+    return;
+  }
+#endif
+  const Tensor hi = x.to(at::kBFloat16);
+  const Tensor lo = terms == 3 ? x.sub(hi.to(at::kFloat)).to(at::kBFloat16) : Tensor();
+  const Tensor hf = hi.to(at::kFloat);
+  Tensor prod = at::mm(hf.t(), hf);
+  if (terms == 3) {
+    const Tensor lf = lo.to(at::kFloat);
+    const Tensor cross = at::mm(hf.t(), lf);
+    prod.add_(cross).add_(cross.t());
+  }
+  h.add_(prod.triu());
+  if (terms == 3) h.diagonal().add_(lo.to(at::kFloat).square().sum(0));
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(nnopt, CPU, m) {
   m.impl("sparsegpt_block_", &sparsegpt_block_cpu);
+  m.impl("hessian_accumulate_", &hessian_accumulate_cpu);
+}
+
+TORCH_LIBRARY_IMPL(nnopt, CompositeExplicitAutograd, m) {
+  m.impl("amx_bf16_usable", [] { return amx_bf16_usable(); });
 }
 
 }  // namespace nnopt

@@ -38,6 +38,7 @@ written so far when ``atomic=True`` (the default; it keeps a copy of each origin
 
 import dataclasses
 import fnmatch
+import functools
 import numbers
 import warnings
 
@@ -46,7 +47,7 @@ import torch
 from nnopt.layers import in_out_features, is_conv1d, is_linear_like, weight_as_linear
 from nnopt.prune._contract import MASK_SUFFIX, apply_mask, remove_mask
 
-__all__ = ["Pattern", "Stats", "parse_pattern", "run"]
+__all__ = ["Pattern", "Stats", "parse_pattern", "run", "split_hessian_available"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,26 +218,56 @@ class _Stop(Exception):
     """Raised by a hook once it has what it needs: the rest of the forward does not run."""
 
 
+def split_hessian_available():
+    """True when this process computes bf16 products on AMX tiles with float32 accumulation (nnopt._C built, a CPU
+    with AMX-BF16, and the OS granting the tile state): where the split Hessian beats float32 (cached per process)."""
+    return _amx_usable()
+
+
+@functools.lru_cache(maxsize=None)
+def _amx_usable():
+    from nnopt import _ext
+
+    return _ext.load() is None and bool(torch.ops.nnopt.amx_bf16_usable())
+
+
 class Stats:
     """Per-group calibration statistics of the inputs ``x`` (``[..., K]``) of a layer.
 
     "norms": ``sum_t x_tj^2`` per input feature j (float32 K-vector; Wanda's ``||X_j||_2`` is its sqrt);
-    "hessian": ``sum_t x_t x_t^T`` (float32 K×K, the upper triangle computed in tiles and mirrored once: XᵀX is
-    symmetric, so about 60% of the full product's flops).
+    "hessian": ``sum_t x_t x_t^T`` (float32 K×K; its upper triangle is computed and mirrored once: XᵀX is
+    symmetric).
 
-    ``dtype``: the Hessian's product inputs. float32 (default): exact float32 products. bfloat16: x is rounded
-    to bfloat16 and each batch's tile products run as bfloat16 GEMMs (AMX/AVX-512 BF16 through oneDNN, fp32
-    accumulation inside, the per-batch product rounded to bfloat16) added into the float32 accumulator: ~4x
-    faster on Sapphire Rapids, relative error ~1e-3 per entry (see bench/RESULTS.md for the effect on SparseGPT).
+    ``dtype``, how the Hessian's products run:
+    - None (default): "split" on CPUs where ``split_hessian_available()``, else float32;
+    - "split": x = hi + lo, hi = bf16(x), lo = bf16(x - hi) (~16 mantissa bits), H += hiᵀhi + hiᵀlo + loᵀhi +
+      diag(loᵀlo) on AMX tiles with float32 accumulation (csrc/cpu/oneshot.cpp, hessian_accumulate_); every bf16
+      product is exact in float32, the dropped off-diagonal loᵀlo is ~2^-16 relative and zero-mean: float32-class
+      accuracy (bench/RESULTS.md, issue 14) at ~3 bf16 triangles' cost, ~1.8-2x faster than float32 here;
+    - torch.float32: exact float32 products (the opt-out);
+    - torch.bfloat16: x rounded to bf16 once (hiᵀhi): on AMX with float32 accumulation over each batch (~5x
+      float32), elsewhere oneDNN's bf16 GEMMs whose per-batch product is rounded to bf16 before the float32 add.
     """
 
     TILES = 4
-    DTYPES = (torch.float32, torch.bfloat16)
+    DTYPES = (None, "split", torch.float32, torch.bfloat16)
+
+    @classmethod
+    def check_dtype(cls, dtype):
+        """ValueError unless ``dtype`` is one of ``DTYPES``."""
+        if not any(dtype is d or (isinstance(d, str) and isinstance(dtype, str) and dtype == d) for d in cls.DTYPES):
+            raise ValueError(f"hessian_dtype must be None, 'split', torch.float32 or torch.bfloat16, got {dtype!r}")
 
     def __init__(self, kind, in_features, device, dtype=torch.float32):
-        if dtype not in self.DTYPES:
-            raise ValueError(f"hessian_dtype must be one of {self.DTYPES}, got {dtype!r}")
+        self.check_dtype(dtype)
+        device = torch.device(device)
+        if dtype is None:
+            dtype = "split" if device.type == "cpu" and split_hessian_available() else torch.float32
+        if dtype == "split" and device.type != "cpu":
+            raise ValueError(f"hessian_dtype='split' runs on CPU only (AMX tiles); got a {device.type} layer")
         self.kind, self.k, self.count, self.dtype = kind, in_features, 0, dtype
+        self.kernel = kind == "hessian" and device.type == "cpu" and (
+            dtype == "split" or (dtype == torch.bfloat16 and split_hessian_available()))
         shape = (in_features,) if kind == "norms" else (in_features, in_features)
         self.value = torch.zeros(shape, dtype=torch.float32, device=device)
 
@@ -251,6 +282,9 @@ class Stats:
                 self.value.add_(chunk.float().square().sum(0))
             return
         k, h = self.k, self.value
+        if self.kernel:  # the upper triangle (i <= j) on AMX tiles, float32 accumulation over the batch
+            torch.ops.nnopt.hessian_accumulate_(h, x.float(), 3 if self.dtype == "split" else 1)
+            return
         t = self.TILES if k >= 512 else 1
         edges = [k * i // t for i in range(t + 1)]
         if self.dtype == torch.bfloat16:
@@ -270,11 +304,14 @@ class Stats:
                 h[edges[a]:edges[a + 1], edges[b]:edges[b + 1]].addmm_(xa.t(), x[:, edges[b]:edges[b + 1]])
 
     def finish(self):
-        """The statistics (the Hessian mirrored to full); the accumulator is handed over, not copied."""
-        if self.kind == "hessian" and self.k >= 512:
-            t, k, h = self.TILES, self.k, self.value
+        """The statistics (the Hessian's upper triangle mirrored to full); the accumulator is handed over."""
+        if self.kind == "hessian":
+            k, h = self.k, self.value
+            t = max(1, -(-k // 512))  # mirror in 512-wide tiles: no K×K temporary
             edges = [k * i // t for i in range(t + 1)]
             for a in range(t):
+                d = h[edges[a]:edges[a + 1], edges[a]:edges[a + 1]]
+                d.copy_(d.triu() + d.triu(1).t())
                 for b in range(a + 1, t):
                     h[edges[b]:edges[b + 1], edges[a]:edges[a + 1]] = h[edges[a]:edges[a + 1],
                                                                         edges[b]:edges[b + 1]].t()

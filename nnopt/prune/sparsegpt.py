@@ -22,9 +22,12 @@ Ties go by a stable ascending sort: the lower (row-major) index is pruned first.
 score -1 and are always pruned.
 
 The computation runs in float32 (float64 when the weight is float64); Cholesky and its inverse are torch.linalg's.
-``hessian_dtype=torch.bfloat16`` computes H from bfloat16 inputs on bf16 GEMMs (AMX through oneDNN on Sapphire
-Rapids: 3.7x the float32 Hessian, which is most of the time on CPU) into a float32 accumulator; the masks differ
-in a few percent of entries and the reconstruction error by a few percent either way (bench/RESULTS.md).
+The Hessian is most of the time on CPU. By default (``hessian_dtype=None``), on CPUs with AMX-BF16 (Sapphire Rapids
+and later) it runs split: x = hi + lo with hi = bf16(x), lo = bf16(x - hi), H = hiᵀhi + hiᵀlo + loᵀhi +
+diag(loᵀlo) on AMX tiles accumulating in float32 (nnopt.prune.oneshot.Stats): relative Frobenius error ~1e-6
+against the float64 Hessian, the same masks as float32 accumulation (bench/RESULTS.md, issue 14), ~1.8-2x faster.
+Elsewhere the default is float32; ``hessian_dtype=torch.float32`` is the exact opt-out everywhere.
+``hessian_dtype=torch.bfloat16`` rounds x to bf16 once (hiᵀhi only, ~5x float32 on AMX; relative error ~1e-4).
 """
 
 import torch
@@ -145,7 +148,7 @@ def sparsegpt_prune(weight, upper, dead, pattern, sparsity=None, blocksize=128, 
 class _SparseGPT:
     stats = "hessian"
 
-    def __init__(self, blocksize, percdamp, backend, hessian_dtype=torch.float32):
+    def __init__(self, blocksize, percdamp, backend, hessian_dtype=None):
         self.blocksize, self.percdamp, self.backend = blocksize, percdamp, backend
         self.stats_dtype = hessian_dtype
         self._factor = None  # (hessian id, U, dead): layers of one group share their input, so their factor
@@ -165,9 +168,8 @@ class _SparseGPT:
         self._factor = None
 
 
-def _check_args(blocksize, percdamp, hessian_dtype=torch.float32):
-    if hessian_dtype not in oneshot.Stats.DTYPES:
-        raise ValueError(f"hessian_dtype must be torch.float32 or torch.bfloat16, got {hessian_dtype!r}")
+def _check_args(blocksize, percdamp, hessian_dtype=None):
+    oneshot.Stats.check_dtype(hessian_dtype)
     if isinstance(blocksize, bool) or not isinstance(blocksize, int) or blocksize < 1:
         raise ValueError(f"blocksize must be an int >= 1, got {blocksize!r}")
     if isinstance(percdamp, bool) or not isinstance(percdamp, (int, float)) or not percdamp > 0:
@@ -176,16 +178,20 @@ def _check_args(blocksize, percdamp, hessian_dtype=torch.float32):
 
 def sparsegpt(model, calibration, sparsity=None, pattern="unstructured", blocksize=128, percdamp=0.01, layers=None,
               skip=("lm_head", "*.lm_head"), blocks=None, atomic=True, backend=None, owl=None,
-              hessian_dtype=torch.float32):
+              hessian_dtype=None):
     """Prunes ``model``'s linear layers in place with SparseGPT; returns ``{layer name: sparsity}``.
 
     Arguments as ``nnopt.prune.wanda``, plus blocksize (columns per lazy-update block, 128 as the paper) and
     percdamp (damping, a fraction of the Hessian's mean diagonal). The remaining weights are updated to
     reconstruct each layer's outputs on the calibration inputs. backend: the column-block update's (None: auto).
     owl: None or (M, lambda) for OWL's per-block sparsities (see ``nnopt.prune.oneshot``).
-    hessian_dtype: torch.float32 (default, exact products) or torch.bfloat16: the Hessian XᵀX from bfloat16
-    inputs on bf16 GEMMs (AMX on Sapphire Rapids; ~4x faster on CPU, the Hessian's dominant cost); the
-    accumulator stays float32. Small changes in the masks and in the reconstruction (bench/RESULTS.md).
+    hessian_dtype: how the calibration Hessian XᵀX (float32 K×K) is computed. None (default): "split" where
+    ``nnopt.prune.oneshot.split_hessian_available()`` (a CPU with AMX-BF16 whose tile state the OS grants; checked
+    once per process), else torch.float32. "split": x = hi + lo in two bf16 parts, hiᵀhi + hiᵀlo + loᵀhi +
+    diag(loᵀlo) on AMX tiles with float32 accumulation: float32-class accuracy (relative error ~1e-6, same masks
+    as float32 accumulation), ~1.8-2x faster than float32 on a 2-core Sapphire Rapids. torch.float32: exact
+    float32 products (the opt-out). torch.bfloat16: x rounded to bf16 once, ~5x float32 on AMX (float32
+    accumulation; elsewhere oneDNN's per-batch bf16 product), relative error ~1e-4: small mask changes.
     """
     _check_args(blocksize, percdamp, hessian_dtype)
     backends.requested(backend)  # an unknown name fails here, before anything runs

@@ -7,7 +7,21 @@ remaining column at once), in float64, with H⁻¹ from ``torch.linalg.inv``. Sm
 
 import torch
 
-__all__ = ["sparsegpt", "sparsegpt_block", "wanda_mask"]
+__all__ = ["hessian_accumulate", "sparsegpt", "sparsegpt_block", "wanda_mask"]
+
+
+def hessian_accumulate(h, x, terms):
+    """h [K, K] float32 += the upper triangle (i <= j) of hiᵀhi (terms 1) or hiᵀhi + hiᵀlo + loᵀhi + diag(loᵀlo)
+    (terms 3), hi = bf16(x), lo = bf16(x - hi), x [T, K] float32; computed in float64 (the ``torch`` backend and
+    oracle of csrc/cpu/oneshot.cpp's hessian_accumulate_)."""
+    hi = x.to(torch.bfloat16)
+    hd = hi.double()
+    prod = hd.T @ hd
+    if terms == 3:
+        ld = (x - hi.float()).to(torch.bfloat16).double()
+        cross = hd.T @ ld
+        prod += cross + cross.T + torch.diag(ld.square().sum(0))
+    h.add_(prod.triu().to(h.dtype))
 
 
 def sparsegpt_block(w, u, pruned, err, n, m):
