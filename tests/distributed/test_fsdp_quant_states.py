@@ -117,24 +117,32 @@ def _step(model, opt, x, y, rank, world, twin=None):
 
 
 def _uneven_shards(mesh, rank):
-    """A [13, 37] parameter (shards of 259 and 222 elements: no block boundary between them in one process) with a
-    mask, three steps of fresh gradients, for every width, full and compact states."""
+    """A [13, 37] parameter (row shards of 259 and 222 elements: no block boundary between them in one process;
+    column shards, as tensor parallelism makes, of 13 x 19 and 13 x 18) with a mask, three steps of fresh
+    gradients, for every width, full and compact states, bf16 with fp32 masters."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     gen = torch.Generator().manual_seed(7)
     full = torch.randn(13, 37, generator=gen)
     mask = torch.rand(13, 37, generator=gen) > 0.4
     grads = [torch.randn(13, 37, generator=gen) for _ in range(3)]
-    for cfg in list(CONFIGS.values()) + [dict(state_bits=4, block_size=64, min_quant_size=300)]:
-        p = torch.nn.Parameter(distribute_tensor(full * mask, mesh, [Shard(0)]))
-        sparsity.set_mask(p, distribute_tensor(mask, mesh, [Shard(0)]))
+    cases = [(cfg, 0, torch.float32) for cfg in CONFIGS.values()] + [
+        (dict(state_bits=4, block_size=64, min_quant_size=300), 0, torch.float32),
+        (dict(state_bits=8), 1, torch.float32), (dict(state_bits=4), 1, torch.float32),
+        (dict(state_bits=8, compact_states=True), 1, torch.float32),
+        (dict(state_bits=8, master_weights=True), 0, torch.bfloat16),
+        (dict(state_bits=4, master_weights=True, compact_states=True), 1, torch.bfloat16)]
+    for cfg, dim, dtype in cases:
+        what = f"{cfg}, Shard({dim}), {dtype}"
+        p = torch.nn.Parameter(distribute_tensor((full * mask).to(dtype), mesh, [Shard(dim)]))
+        sparsity.set_mask(p, distribute_tensor(mask, mesh, [Shard(dim)]))
         opt = _opt([p], cfg)
         twin = _Twin([p], cfg)
         for g in grads:
-            p.grad = distribute_tensor(g, mesh, [Shard(0)])
+            p.grad = distribute_tensor(g.to(dtype), mesh, [Shard(dim)])
             opt.step()
             twin.step()
-            twin.assert_equal(opt, str(cfg))
+            twin.assert_equal(opt, what)
         st = opt.state[p]
         if cfg["state_bits"] == 4 and not cfg.get("compact_states"):
             # min_quant_size reads the largest shard (259 elements): the same format on both ranks
@@ -142,7 +150,14 @@ def _uneven_shards(mesh, rank):
             assert (st["exp_avg"].dtype == torch.uint8) == quantized, cfg
         if cfg.get("compact_states"):
             assert not isinstance(st["exp_avg"], DTensor) and "kept_index" in st
-        assert (p.to_local()[~mask.chunk(2)[rank]] == 0).all()
+        assert (p.to_local()[~mask.chunk(2, dim)[rank]] == 0).all()
+        # dequantized: fp32 states sharded like the parameter (compact ones expanded with zeros)
+        dq = dequantized_state_dict(opt)["state"][0]
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert dq[key].dtype == torch.float32 and dq[key].placements == p.placements, (what, key)
+            assert (dq[key].to_local()[~mask.chunk(2, dim)[rank]] == 0).all(), (what, key)
+        if cfg.get("master_weights"):
+            assert dq["master_param"].placements == p.placements and dq["master_param"].shape == p.shape
 
 
 def _layouts(model, opt, bits):
@@ -271,6 +286,16 @@ def _round_trips(mesh, rank, world, out, cfg, tag):
         for key in ("exp_avg", "exp_avg_sq"):
             s = torch_opt.state[p][key]
             assert s.dtype == torch.float32 and s.placements == p.placements and s.shape == p.shape
+    # and back: fp32 DTensor states are quantized on load, shard by shard, within one code step of the saved ones
+    requant = _opt(fresh.parameters(), cfg)
+    with pytest.warns(UserWarning, match="converting state 'exp_avg' from 32-bit"):
+        requant.load_state_dict(copy.deepcopy(dq))
+    _layouts(fresh, requant, cfg["state_bits"])
+    for pid, s in dequantized_state_dict(requant)["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            got, want = s[key].to_local(), dq["state"][pid][key].to_local()
+            assert (got - want).abs().max() <= 0.25 * want.abs().max() + 1e-7, (tag, pid, key)
+    _step(fresh, requant, x, y, rank, world)
 
 
 def _bad_inputs(mesh, rank, world):
