@@ -543,6 +543,22 @@ class QuantStates:
 
     # -- checkpoints ---------------------------------------------------------------------------------------
 
+    def state_dict(self):
+        """torch.optim's state_dict. Compact states of DTensor parameters are the rank's own plain tensors: they
+        round-trip through ``load_state_dict`` on the same mesh, but torch.distributed.checkpoint keeps one copy of
+        a plain tensor for all ranks, so a warning says to checkpoint ``dequantized_state_dict(opt)`` there."""
+        sd = super().state_dict()
+        dtensor = _dtensor_type()
+        if dtensor is not None and getattr(self, "_compact_used", False) and not getattr(self, "_warned_local", False):
+            if any(isinstance(p, dtensor) and "kept_index" in self.state.get(p, {})
+                   for g in self.param_groups for p in g["params"]):
+                self._warned_local = True
+                warnings.warn(f"{type(self).__name__}: compact states of DTensor parameters are per-rank plain "
+                              "tensors: opt.state_dict() / load_state_dict round-trip them on the same mesh, but "
+                              "torch.distributed.checkpoint (get_optimizer_state_dict) would keep one rank's; "
+                              "checkpoint nnopt.optim.dequantized_state_dict(opt) with it instead", stacklevel=2)
+        return sd
+
     def load_state_dict(self, state_dict):
         """Loads a checkpoint of this optimizer (any ``state_bits``) or of its torch.optim twin; states in another
         format than their group's are converted (with a warning). The groups keep their quantization settings."""
