@@ -119,7 +119,8 @@ def _step(model, opt, x, y, rank, world, twin=None):
 def _uneven_shards(mesh, rank):
     """A [13, 37] parameter (row shards of 259 and 222 elements: no block boundary between them in one process;
     column shards, as tensor parallelism makes, of 13 x 19 and 13 x 18) with a mask, three steps of fresh
-    gradients, for every width, full and compact states, bf16 with fp32 masters."""
+    gradients, for every width, full and compact states, bf16 with fp32 masters; GradScaler's inputs on the last
+    cases (the second step is skipped as non-finite: nothing changes)."""
     from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
     gen = torch.Generator().manual_seed(7)
@@ -138,11 +139,18 @@ def _uneven_shards(mesh, rank):
         sparsity.set_mask(p, distribute_tensor(mask, mesh, [Shard(dim)]))
         opt = _opt([p], cfg)
         twin = _Twin([p], cfg)
-        for g in grads:
+        scaled = cfg.get("master_weights", False)
+        for j, g in enumerate(grads):
             p.grad = distribute_tensor(g.to(dtype), mesh, [Shard(dim)])
+            if scaled:  # what GradScaler.step sets (the gradients were multiplied by grad_scale)
+                for o in (opt, twin.opt):
+                    o.grad_scale, o.found_inf = torch.tensor(4.0), torch.tensor(float(j == 1))
+            before = p.to_local().clone()
             opt.step()
             twin.step()
             twin.assert_equal(opt, what)
+            if scaled and j == 1:
+                assert torch.equal(p.to_local(), before), what
         st = opt.state[p]
         if cfg["state_bits"] == 4 and not cfg.get("compact_states"):
             # min_quant_size reads the largest shard (259 elements): the same format on both ranks
