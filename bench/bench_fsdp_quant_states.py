@@ -107,7 +107,8 @@ def main():
             f"as Shard(0) DTensors over 2 gloo ranks, {res['local_params'] / 1e6:.1f}M per rank, one torch thread "
             "per rank; optimizer step only (synthetic gradients); medians of 9 interleaved samples of 2 steps. "
             "Check passed: one 8-bit step on the DTensors equals the plain step on the same shards (parameters and "
-            "codes bitwise).\n\n" + harness.table(rows, list(rows[0])))
+            f"codes bitwise). Machine shared with other engineers' jobs (load average {os.getloadavg()[0]:.1f} on "
+            "2 cores at the end of the run).\n\n" + harness.table(rows, list(rows[0])))
     print(body)
     if not args.no_record:
         harness.append_results("bench_fsdp_quant_states: quantized AdamW states on FSDP2 DTensor shards", body)
