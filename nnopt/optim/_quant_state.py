@@ -2,8 +2,8 @@
 nnopt optimizer, layered over FusedOptimizer.
 
 A parameter takes the quantized path when its group has ``state_bits < 32`` and it is a real float32, bfloat16
-or float16 tensor (not a DTensor) with at least ``min_quant_size`` elements; or when ``stochastic_rounding`` is on
-and it is a bfloat16 parameter without an fp32 master. Its states then live in ``self.state`` as
+or float16 tensor with at least ``min_quant_size`` elements; or when ``stochastic_rounding`` is on and it is a
+bfloat16 parameter without an fp32 master. Its states then live in ``self.state`` as
 
 - 8 / 4 bits: ``state[name]`` uint8 codes (8: shaped like the parameter; 4: [ceil(n/2)], two per byte) and
   ``state[name + "_absmax"]`` one scale per block (8: float32; 4: bfloat16 rounded up), in the parameter's
@@ -16,8 +16,12 @@ from its tensors (dtype, sizes), so a state in any other format (a checkpoint wi
 torch.optim checkpoint, a group whose ``state_bits`` changed) is converted to the group's format when loaded or
 when the next plan is built, with a warning naming the formats.
 
-Not (yet) on the quantized path: float64 and complex parameters, sparse gradients (an error), and DTensor
-parameters (FSDP2 / tensor parallel: they keep fp32 states; sharding the blocks with the parameter is left to do).
+DTensor parameters (FSDP2, tensor parallelism): each rank's local shard is quantized as a tensor of its own (its
+blocks start at the shard's first element) and its states are DTensors over the parameter's mesh; ``n`` above and
+``min_quant_size`` read the largest local shard; layouts and checkpoints: nnopt/optim/_shard_state.py. Compact
+states of DTensor parameters are the rank's own (see ``_compact_sync``).
+
+Not on the quantized path: float64 and complex parameters, sparse gradients (an error).
 """
 
 import warnings
@@ -26,7 +30,8 @@ import torch
 
 from nnopt import backends, sparsity
 from nnopt.optim._compact_state import decode_index, encode_index
-from nnopt.optim._fused import _Bucket, _dtensor_type
+from nnopt.optim._fused import _Bucket, _dtensor_type, _local
+from nnopt.optim._shard_state import BLOCKS, ShardState, like_param, max_shard_numel
 from nnopt.reference import quant_optim as qref
 
 FAMILY = "quant_optim"
@@ -57,8 +62,9 @@ def block_of(group):
 
 # -- state formats: ("q", bits, block) for codes + scales, ("f", dtype) for plain tensors -------------------
 
-def detect(state, name, numel, where):
-    """The format of ``state[name]`` as stored."""
+def detect(state, name, numel, where, prefer=None):
+    """The format of ``state[name]`` as stored (``numel``: the elements it holds; ``prefer``: the block size taken
+    when several fit, e.g. a tensor within one block)."""
     t = state[name]
     if t.dtype != torch.uint8:
         return ("f", t.dtype)
@@ -67,7 +73,11 @@ def detect(state, name, numel, where):
         raise ValueError(f"{where}: state {name!r} holds uint8 codes but no {name + '_absmax'!r} scales")
     bits = 8 if a.dtype == torch.float32 else 4
     nb = a.numel()
-    block = next((b for b in (2**k for k in range(5, 13)) if qref.num_blocks(numel, b) == nb), None)
+    if isinstance(state, ShardState):  # a shard: the per-rank length of its scales fixes the block
+        block = state.stored_block(name + "_absmax", prefer)
+    else:
+        cands = ([prefer] if prefer in BLOCKS else []) + list(BLOCKS)
+        block = next((b for b in cands if qref.num_blocks(numel, b) == nb), None)
     if block is None or t.numel() != qref.codes_numel(numel, bits):
         raise ValueError(f"{where}: state {name!r} has {t.numel()} codes and {nb} scales, which fit no {bits}-bit "
                          f"layout of a parameter with {numel} elements")
@@ -91,6 +101,9 @@ def write(state, name, fmt, p, value, signed, contiguous):
     """Replaces ``state[name]`` (and its scales) by ``value`` (float32 [n]) in format ``fmt``."""
     if fmt[0] == "q":
         codes, absmax = qref.quantize(value, fmt[1], fmt[2], signed)
+        if isinstance(state, ShardState):
+            state.put_quantized(name, codes, absmax, fmt[1], fmt[2])
+            return
         state[name] = codes.reshape(p.shape) if fmt[1] == 8 else codes
         state[name + "_absmax"] = absmax
         return
@@ -157,9 +170,8 @@ class QuantStates:
         if p.dtype not in _QUANT_DTYPES or p.is_complex():
             return None
         dtensor = _dtensor_type()
-        if dtensor is not None and isinstance(p, dtensor):
-            return None  # sharded states keep FusedOptimizer's path (see the module docstring)
-        bits = group["state_bits"] if p.numel() >= group["min_quant_size"] else 32
+        numel = max_shard_numel(p) if dtensor is not None and isinstance(p, dtensor) else p.numel()
+        bits = group["state_bits"] if numel >= group["min_quant_size"] else 32
         sr = group["stochastic_rounding"] and p.dtype == torch.bfloat16 and not group["master_weights"]
         return bits if bits < 32 or sr else None
 
@@ -171,6 +183,14 @@ class QuantStates:
             return ("q", bits, block_of(group))
         return ("f", torch.bfloat16 if bits == 16 else torch.float32)
 
+    def _shard(self, p, state, where):
+        """(state, tensor) the format code runs on: for a DTensor parameter, the rank's view of its state and its
+        local shard (nnopt/optim/_shard_state.py); else ``state`` and ``p``."""
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(p, dtensor):
+            return ShardState(state, p, where), p.to_local()
+        return state, p
+
     def _slots(self, group):
         """[(state name, signed)] of the state slots this group's kernel uses."""
         return [(n, s) for n, s in zip(self._state_lists(group), qref.SIGNED[self._op]) if n is not None]
@@ -180,10 +200,11 @@ class QuantStates:
         target = self._format(p, group)
         on_path = self._qbits(p, group) is not None
         where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+        state, p = self._shard(p, state, where)
         for name, signed in self._slots(group):
             if name not in state:
                 continue
-            fmt = detect(state, name, p.numel(), where)
+            fmt = detect(state, name, p.numel(), where, target[2] if target[0] == "q" else None)
             if fmt == target:
                 if on_path and fmt[0] == "f" and not state[name].is_contiguous():
                     state[name] = state[name].contiguous()
@@ -220,12 +241,13 @@ class QuantStates:
                 state["step"] = torch.tensor(0.0, dtype=torch.float32)
             fmt = self._format(p, group)
             fill = float(group.get("initial_accumulator_value", 0.0)) if self._op == "adagrad_step" else 0.0
+            view, local = self._shard(p, state, f"{type(self).__name__}: parameter {i} of param group {gi}")
             for name, signed in self._slots(group):
                 if name in state:
                     continue
                 if self._op == "sgd_step":
                     self._fresh.add(p)  # the first momentum step sets buf = g (see _hyper's first_step)
-                write(state, name, fmt, p, torch.full((p.numel(),), fill, device=p.device), signed, True)
+                write(view, name, fmt, local, torch.full((local.numel(),), fill, device=p.device), signed, True)
         return super()._build_plan(gi, group, grads, has)
 
     def _make_bucket(self, group, device, extra, members, masked, has_master, count, dtensor=None):
@@ -241,26 +263,34 @@ class QuantStates:
             if key is None:
                 buckets.append(super()._make_bucket(group, device, extra, ms, masked, has_master, count, dtensor))
             else:
-                buckets.append(self._make_qbucket(group, device, extra, ms, masked, has_master, count, *key))
+                buckets.append(self._make_qbucket(group, device, extra, ms, masked, has_master, count, *key,
+                                                  dtensor=dtensor))
         return buckets[0] if len(buckets) == 1 else _Parts(buckets)
 
-    def _make_qbucket(self, group, device, extra, members, masked, has_master, count, bits, fresh):
+    def _make_qbucket(self, group, device, extra, members, masked, has_master, count, bits, fresh, dtensor=None):
         params = group["params"]
         ps = [params[i] for i, _ in members]
+        # The kernels run on local shards (DTensor parameters) and on the views of their states: the fingerprint
+        # of a plan holding DTensors covers their local tensors.
+        gi = next(k for k, g in enumerate(self.param_groups) if g is group)
+        views = [self._shard(params[i], self.state[params[i]],
+                             f"{type(self).__name__}: parameter {i} of param group {gi}") for i, _ in members]
         slots = []
         for name, signed in zip(self._state_lists(group), qref.SIGNED[self._op]):
             if name is None:
                 slots.append(([], []))
                 continue
-            vals = [self.state[p][name] for p in ps]
-            scales = [self.state[p][name + "_absmax"] for p in ps] if bits in (8, 4) else []
+            vals = [st[name] for st, _ in views]
+            scales = [st[name + "_absmax"] for st, _ in views] if bits in (8, 4) else []
             slots.append((vals, scales))
-        masters = [self.state[p]["master_param"] for p in ps] if has_master else []
+        masters = [st["master_param"] for st, _ in views] if has_master else []
         masks = [sparsity.get_mask(p) for p in ps] if masked else []
+        if dtensor is not None:
+            masks = [_local(m, dtensor) for m in masks]
         if self._op == "sgd_step" and extra is not None:
             extra = not fresh  # SGD's has_buffer: a buffer created for this step starts as the gradient
-        b = _QBucket(device, extra, [i for i, _ in members], count, ps, slots, masters, masks, bits,
-                     block_of(group))
+        b = _QBucket(device, extra, [i for i, _ in members], count, [local for _, local in views], slots, masters,
+                     masks, bits, block_of(group), dtensor)
         if fresh:
             self._plans_stale = True
         return b
@@ -285,6 +315,8 @@ class QuantStates:
     def _qlaunch(self, group, b, grads, grad_scale, found_inf):
         ps, masters, masks = list(b.params), list(b.masters), list(b.masks)
         gs = [grads[i] for i in b.idx]
+        if b.local_grads is not None:
+            gs = [_local(g, b.local_grads) for g in gs]
         writeback = []
         # The kernels run on contiguous tensors in logical order (the states' order): others run on copies.
         for j, p in enumerate(ps):
@@ -341,7 +373,6 @@ class QuantStates:
             with torch.enable_grad():
                 loss = closure()
         name = type(self).__name__
-        dtensor = _dtensor_type()
         work, hidden = [], []
         for gi, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
@@ -356,9 +387,6 @@ class QuantStates:
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{name}: parameter {i} of param group {gi} has a sparse gradient; "
                                        "compact_states needs dense gradients")
-                if dtensor is not None and isinstance(p, dtensor):
-                    raise TypeError(f"{name}: parameter {i} of param group {gi} is a DTensor; compact_states "
-                                    "supports plain tensors only")
                 work.append((gi, i, group, p, p.grad))
         for _, _, _, p, g in work:
             hidden.append((p, g))
@@ -387,6 +415,9 @@ class QuantStates:
         mask = sparsity.get_mask(p)
         st = self.state[p]
         fresh = self._compact_sync(gi, i, group, p, mask, st)
+        dtensor = _dtensor_type()
+        if dtensor is not None and isinstance(p, dtensor):  # the rank's shard (its mask validated sharded like it)
+            p, mask, g = p.to_local(), mask.to_local(), g.to_local()
         if self._has_step:
             st["step"] += 1
         # One nonzero over the mask, then index_select / index_copy_: ~4x cheaper than boolean indexing twice
@@ -422,11 +453,23 @@ class QuantStates:
 
     def _compact_sync(self, gi, i, group, p, mask, st):
         """Makes ``st`` hold packed states for ``mask`` in the group's format; True when the states were created
-        now (SGD's first momentum step). Remaps them when the mask changed since they were packed."""
-        seen = self._compact_seen.get(p)
-        if seen is not None and seen[0] is mask and seen[1] == mask._version and "kept_index" in st:
-            return False
+        now (SGD's first momentum step). Remaps them when the mask changed since they were packed.
+
+        A DTensor parameter packs its rank's shard: the local mask shard drives a local ``kept_index`` and local
+        packed states, kept as plain tensors (their length is the shard's kept count, which differs between ranks
+        and changes with the mask, so they cannot form a DTensor without a collective per remap); full states it
+        held before are read through the rank's view of them."""
+        param, key = p, mask
         where = f"{type(self).__name__}: parameter {i} of param group {gi}"
+        dtensor = _dtensor_type()
+        full_state = st
+        if dtensor is not None and isinstance(p, dtensor):
+            full_state, p, mask = self._shard(p, st, where)[0], p.to_local(), mask.to_local()
+        # an in-place edit of a DTensor mask bumps the version of the DTensor, not of its local tensor: watch both
+        version = (key._version, mask._version)
+        seen = self._compact_seen.get(param)
+        if seen is not None and seen[0] is key and seen[1] == version and "kept_index" in st:
+            return False
         if self._has_step:  # a count of its own, on the host (a loaded one may be shared with its checkpoint)
             st["step"] = (st["step"].detach().to("cpu", torch.float32).clone() if "step" in st
                           else torch.tensor(0.0, dtype=torch.float32))
@@ -442,7 +485,7 @@ class QuantStates:
         present = [n for n, _ in slots if n in st]
         same = old is not None and torch.equal(old.to(index.device), index)
         if same and all(detect(st, n, pk.numel(), where) == target for n in present) and len(present) == len(slots):
-            self._compact_seen[p] = (mask, mask._version)
+            self._compact_seen[param] = (key, version)
             return False
         fill = float(group.get("initial_accumulator_value", 0.0)) if self._op == "adagrad_step" else 0.0
         n_old = old_pos.numel() if old_pos is not None else p.numel()
@@ -453,7 +496,8 @@ class QuantStates:
                 continue  # SGD's buffer is created below (the first momentum step sets it to the gradient)
             full = torch.full((p.numel(),), fill, dtype=torch.float32, device=p.device)
             if name in st:
-                value = read_float(st, name, detect(st, name, n_old, where), ref, signed).to(p.device)
+                src = st if old is not None else full_state
+                value = read_float(src, name, detect(src, name, n_old, where), ref, signed).to(p.device)
                 if old_pos is None:
                     full = value
                 else:
@@ -464,7 +508,7 @@ class QuantStates:
             fresh = True
         if group["master_weights"] and p.dtype in (torch.float16, torch.bfloat16):
             full = p.detach().reshape(-1).float().clone()
-            m = st.get("master_param")
+            m = (st if old is not None else full_state).get("master_param")
             if m is not None:
                 if old_pos is None:
                     full = m.reshape(-1).float()
@@ -472,27 +516,48 @@ class QuantStates:
                     full[old_pos] = m.reshape(-1).float()
             st["master_param"] = full[flat].contiguous()
         st["kept_index"] = index
-        self._compact_seen[p] = (mask, mask._version)
+        self._compact_seen[param] = (key, version)
         return fresh
 
     def _expand(self, group, p, st):
-        """Replaces packed states by full ones (zeros at the entries the packed states do not hold)."""
+        """Replaces packed states by full ones (zeros at the entries the packed states do not hold); a DTensor
+        parameter's full states are DTensors sharded like it."""
+        param = p
         pos = decode_index(st.pop("kept_index").to(p.device))
         ref = torch.empty(pos.numel(), device="meta")
         where = f"{type(self).__name__}: a parameter with compact states"
+        packed = dict(st)  # the rank's own tensors (plain), read before they are replaced
+        dst, p = self._shard(p, st, where)
         for name, signed in self._slots(group):
-            if name in st:
+            if name in packed:
                 full = torch.zeros(p.numel(), dtype=torch.float32, device=p.device)
-                full[pos] = read_float(st, name, detect(st, name, pos.numel(), where), ref, signed).to(p.device)
-                write(st, name, ("f", self._state_dtype(p, group)), p, full, signed, False)
-        if "master_param" in st:
+                value = read_float(packed, name, detect(packed, name, pos.numel(), where), ref, signed)
+                full[pos] = value.to(p.device)
+                write(dst, name, ("f", self._state_dtype(p, group)), p, full, signed, False)
+        if "master_param" in packed:
             full = p.detach().reshape(-1).float().clone()
-            full[pos] = st["master_param"].reshape(-1).float()
-            st["master_param"] = full.view(p.shape).clone()
-        self._compact_seen.pop(p, None)
+            full[pos] = packed["master_param"].reshape(-1).float()
+            dst["master_param"] = full.view(p.shape).clone()
+        self._compact_seen.pop(param, None)
         self._plans = {}
 
     # -- checkpoints ---------------------------------------------------------------------------------------
+
+    def state_dict(self):
+        """torch.optim's state_dict. Compact states of DTensor parameters are the rank's own plain tensors: they
+        round-trip through ``load_state_dict`` on the same mesh, but torch.distributed.checkpoint keeps one copy of
+        a plain tensor for all ranks, so a warning says to checkpoint ``dequantized_state_dict(opt)`` there."""
+        sd = super().state_dict()
+        dtensor = _dtensor_type()
+        if dtensor is not None and getattr(self, "_compact_used", False) and not getattr(self, "_warned_local", False):
+            if any(isinstance(p, dtensor) and "kept_index" in self.state.get(p, {})
+                   for g in self.param_groups for p in g["params"]):
+                self._warned_local = True
+                warnings.warn(f"{type(self).__name__}: compact states of DTensor parameters are per-rank plain "
+                              "tensors: opt.state_dict() / load_state_dict round-trip them on the same mesh, but "
+                              "torch.distributed.checkpoint (get_optimizer_state_dict) would keep one rank's; "
+                              "checkpoint nnopt.optim.dequantized_state_dict(opt) with it instead", stacklevel=2)
+        return sd
 
     def load_state_dict(self, state_dict):
         """Loads a checkpoint of this optimizer (any ``state_bits``) or of its torch.optim twin; states in another
@@ -523,9 +588,13 @@ class QuantStates:
                             raise ValueError(f"{where}: its kept_index addresses entries beyond the parameter's "
                                              f"{p.numel()}")
                         numel = pos.numel()
+                        view = saved[p]  # packed states: the rank's own, plain (see _compact_sync)
+                    else:  # a DTensor parameter: its states must be sharded in its layout (else an error here)
+                        view, local = self._shard(p, saved[p], where)
+                        numel = local.numel()
                     for name, _ in self._slots(group):
                         if name in saved[p]:
-                            detect(saved[p], name, numel, where)
+                            detect(view, name, numel, where)
         current = [{k: g[k] for k in _KEYS + ("sr_seed", "sr_step", "compact_states")} for g in self.param_groups]
         super().load_state_dict(state_dict)
         for group, cur, sg in zip(self.param_groups, current, state_dict["param_groups"]):
@@ -562,8 +631,8 @@ class QuantStates:
 class _QBucket(_Bucket):
     """One quant_step call: parameters of one device, dtype-agnostic, sharing the state format and step count."""
 
-    def __init__(self, device, extra, idx, count, params, slots, masters, masks, bits, block):
-        super().__init__(device, extra, idx, count, {}, (), [])
+    def __init__(self, device, extra, idx, count, params, slots, masters, masks, bits, block, local_grads=None):
+        super().__init__(device, extra, idx, count, {}, (), [], local_grads)
         self.params, self.slots, self.masters, self.masks = params, slots, masters, masks
         self.bits, self.block = bits, block
 
@@ -577,7 +646,9 @@ class _Parts:
 
 def dequantized_state_dict(opt):
     """``opt.state_dict()`` with every state as float32 shaped like its parameter and the quantization settings
-    dropped: loadable by the torch.optim twin (and by nnopt with any ``state_bits``)."""
+    dropped: loadable by the torch.optim twin (and by nnopt with any ``state_bits``). States of DTensor parameters
+    (FSDP2) come as float32 DTensors sharded like them, which torch.distributed.checkpoint saves and reshards
+    (to another world size, too); collective-free: each rank dequantizes its own shards."""
     sd = opt.state_dict()
     state = {}
     for gi, (group, saved_group) in enumerate(zip(opt.param_groups, sd["param_groups"])):
@@ -588,19 +659,25 @@ def dequantized_state_dict(opt):
             s = dict(s)
             where = f"dequantized_state_dict: parameter {i} of param group {gi}"
             pos = decode_index(s.pop("kept_index").to(p.device)) if "kept_index" in s else None
-            ref = p if pos is None else torch.empty(pos.numel(), device="meta")
+            # a DTensor parameter: read its rank's shard, give states sharded like it
+            dtensor = _dtensor_type()
+            sharded = dtensor is not None and isinstance(p, dtensor)
+            local = p.to_local() if sharded else p
+            src = ShardState(s, p, where) if sharded and pos is None else s
+            wrap = (lambda t, p=p: like_param(t, p)) if sharded else (lambda t: t)
+            ref = local if pos is None else torch.empty(pos.numel(), device="meta")
             for name, signed in opt._slots(group):
                 if name in s:
-                    fmt = detect(s, name, ref.numel(), where)
-                    value = read_float(s, name, fmt, ref, signed).to(p.device)
+                    fmt = detect(src, name, ref.numel(), where)
+                    value = read_float(src, name, fmt, ref, signed).to(p.device)
                     if pos is not None:  # compact states: zeros at the entries they do not hold
-                        value = torch.zeros(p.numel(), device=p.device).index_copy_(0, pos, value)
-                    s[name] = value.view(p.shape).clone()
+                        value = torch.zeros(local.numel(), device=p.device).index_copy_(0, pos, value)
+                    s[name] = wrap(value.view(local.shape).clone())
                     s.pop(name + "_absmax", None)
             if pos is not None and "master_param" in s:
-                full = p.detach().reshape(-1).float().clone()
+                full = local.detach().reshape(-1).float().clone()
                 full[pos] = s["master_param"].reshape(-1).float()
-                s["master_param"] = full.view(p.shape)
+                s["master_param"] = wrap(full.view(local.shape))
             state[pid] = s
     groups = [{k: v for k, v in g.items() if k not in _KEYS + ("sr_seed", "sr_step")} for g in sd["param_groups"]]
     return {"state": state, "param_groups": groups}
