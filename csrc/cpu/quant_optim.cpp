@@ -5,11 +5,20 @@
 // dequantized into float arrays on the stack (L1-resident), updated by the fused step's element update,
 // reduced to its new absmax and requantized: one pass over memory, no float32 copy of a state anywhere.
 //
-// No gathers: on this class of CPU a vector gather costs ~5 ns per element (microcode mitigations), more than
-// the whole update. With AVX-512 the 8-bit map is read by in-register permutes (8 x vpermt2ps for 256 entries)
-// and the nearest code is a branch-free binary search over the midpoints whose level tables are also read by
-// permutes: code = #{mids < x}, the reference's searchsorted, so codes are identical. Without AVX-512 the same
-// search runs in scalar code.
+// Where the time goes (one Sapphire Rapids-class core): the element update is bounded by the divider (a sqrt and
+// two correctly rounded divisions per Adam element, as in the fp32 kernel), the codes by port 5 (permutes and
+// compares into masks share it), so each step below trims port-5 work:
+// - 8-bit dequantize: the map's four byte planes read by vpermi2b, 64 codes at a time (AVX512-VBMI); otherwise
+//   8 x vpermt2ps blended by a tree of index-bit tests. 4-bit: one vpermps.
+// - 8-bit quantize: a bucket of |x|'s float bits gives the candidate code and the one midpoint inside it (two
+//   gathers from ~30 KB of L1 tables; a gather costs ~0.3 ns/element here, not the ~5 ns once measured), then one
+//   compare. 4-bit, and maps no bucket size separates: a branch-free binary search over the midpoints with
+//   permuted level tables. Either way code = #{mids < x}, the reference's searchsorted, so codes are identical.
+// - No per-element fix-ups: NaN codes only in blocks whose absmax flags an inf or NaN; the unsigned "never code
+//   0 for x > 0" rule folded into the tables (first midpoint taken as min(mid, 0)).
+// - The update loop is specialised for the plain step (no grad scale: the division by 1 folds away) and touches
+//   only the slots the optimizer uses; the next block's bytes are prefetched while this one computes.
+// Without AVX-512 the same search runs in scalar code.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <c10/util/BFloat16.h>
@@ -20,6 +29,9 @@
 #include <atomic>
 #include <cstdint>
 #include <cstring>
+#include <limits>
+#include <memory>
+#include <mutex>
 #include <optional>
 #include <string>
 #include <vector>
@@ -75,7 +87,7 @@ struct SgdOp {
   using Scalars = SgdScalars<float>;
   static constexpr int kMaxWd = 1;
   static constexpr bool kUsesA = true, kUsesB = false;
-  static bool uses(int k, bool a, bool) { return k == 0 && a; }
+  static constexpr bool uses(int k, bool a, bool) { return k == 0 && a; }
   static bool is_signed(int) { return true; }
   template <typename F>
   static void update(float& p, float g, float& s0, float&, float&, bool keep, const Scalars& h, const F& f) {
@@ -87,7 +99,7 @@ struct AdamOp {
   using Scalars = AdamScalars<float>;
   static constexpr int kMaxWd = 2;
   static constexpr bool kUsesA = true, kUsesB = false;
-  static bool uses(int k, bool a, bool) { return k < 2 || a; }
+  static constexpr bool uses(int k, bool a, bool) { return k < 2 || a; }
   static bool is_signed(int k) { return k == 0; }
   template <typename F>
   static void update(float& p, float g, float& s0, float& s1, float& s2, bool keep, const Scalars& h, const F& f) {
@@ -99,7 +111,7 @@ struct AdagradOp {
   using Scalars = AdagradScalars<float>;
   static constexpr int kMaxWd = 1;
   static constexpr bool kUsesA = false, kUsesB = false;
-  static bool uses(int k, bool, bool) { return k == 0; }
+  static constexpr bool uses(int k, bool, bool) { return k == 0; }
   static bool is_signed(int) { return false; }
   template <typename F>
   static void update(float& p, float g, float& s0, float&, float&, bool keep, const Scalars& h, const F& f) {
@@ -111,7 +123,7 @@ struct RmspropOp {
   using Scalars = RmspropScalars<float>;
   static constexpr int kMaxWd = 1;
   static constexpr bool kUsesA = true, kUsesB = true;
-  static bool uses(int k, bool a, bool b) { return k == 0 || (k == 1 && a) || (k == 2 && b); }
+  static constexpr bool uses(int k, bool a, bool b) { return k == 0 || (k == 1 && a) || (k == 2 && b); }
   static bool is_signed(int k) { return k != 0; }
   template <typename F>
   static void update(float& p, float g, float& s0, float& s1, float& s2, bool keep, const Scalars& h, const F& f) {
@@ -124,52 +136,71 @@ template <typename Op>
 using MathFn = void (*)(int64_t, float*, const float*, float*, float*, float*, const uint8_t*,
                         const typename Op::Scalars&);
 
-template <typename Op, typename F>
-void math_loop(int64_t n, float* __restrict p, const float* __restrict g, float* __restrict s0,
-               float* __restrict s1, float* __restrict s2, const uint8_t* __restrict mask,
-               const typename Op::Scalars& hs) {
-  const typename Op::Scalars h = hs;
+// Plain: grad scale 1, l1 0, no maximize (the common step): the local scalars then hold literal 1, 0 and 1, so the
+// compiler folds the per-element division by the grad scale away (as fused_optim.cpp's math_loop does); that
+// division is a quarter of the divider's work in an Adam step, which is what bounds it. Unused slots are neither
+// read nor written. 512-bit vectors (the build's default prefers 256): the block is in L1.
+template <typename Op, typename F, bool Plain>
+__attribute__((target("prefer-vector-width=512"))) void math_loop(
+    int64_t n, float* __restrict p, const float* __restrict g, float* __restrict s0, float* __restrict s1,
+    float* __restrict s2, const uint8_t* __restrict mask, const typename Op::Scalars& hs) {
+  constexpr bool u0 = Op::uses(0, F::a, F::b), u1 = Op::uses(1, F::a, F::b), u2 = Op::uses(2, F::a, F::b);
+  typename Op::Scalars h = hs;
+  if constexpr (Plain) {
+    if constexpr (requires { h.grad_scale; }) h.grad_scale = 1.0f;
+    if constexpr (requires { h.l1_thr; }) h.l1_thr = 0.0f;
+    if constexpr (requires { h.neg; }) h.neg = 1.0f;
+  }
   const F f{};
 #pragma omp simd
   for (int64_t i = 0; i < n; ++i) {
     const bool keep = F::masked ? mask[i] != 0 : true;
-    float pi = p[i], a = s0[i], b = s1[i], c = s2[i];
+    float pi = p[i], a = 0.0f, b = 0.0f, c = 0.0f;
+    if constexpr (u0) a = s0[i];
+    if constexpr (u1) b = s1[i];
+    if constexpr (u2) c = s2[i];
     Op::update(pi, g[i], a, b, c, keep, h, f);
     p[i] = pi;
-    s0[i] = a;
-    s1[i] = b;
-    s2[i] = c;
+    if constexpr (u0) s0[i] = a;
+    if constexpr (u1) s1[i] = b;
+    if constexpr (u2) s2[i] = c;
   }
 }
 
-template <typename Op, bool M, int W, bool A>
+template <typename Op, bool P, bool M, int W, bool A>
 MathFn<Op> select_b(bool b) {
   if constexpr (Op::kUsesB) {
-    if (b) return &math_loop<Op, StaticFlags<M, W, A, true>>;
+    if (b) return &math_loop<Op, StaticFlags<M, W, A, true>, P>;
   }
-  return &math_loop<Op, StaticFlags<M, W, A, false>>;
+  return &math_loop<Op, StaticFlags<M, W, A, false>, P>;
 }
 
-template <typename Op, bool M, int W>
+template <typename Op, bool P, bool M, int W>
 MathFn<Op> select_a(bool a, bool b) {
   if constexpr (Op::kUsesA) {
-    if (a) return select_b<Op, M, W, true>(b);
+    if (a) return select_b<Op, P, M, W, true>(b);
   }
-  return select_b<Op, M, W, false>(b);
+  return select_b<Op, P, M, W, false>(b);
 }
 
-template <typename Op, bool M>
+template <typename Op, bool P, bool M>
 MathFn<Op> select_wd(int wd, bool a, bool b) {
   if constexpr (Op::kMaxWd >= 2) {
-    if (wd == 2) return select_a<Op, M, 2>(a, b);
+    if (wd == 2) return select_a<Op, P, M, 2>(a, b);
   }
-  if (wd == 1) return select_a<Op, M, 1>(a, b);
-  return select_a<Op, M, 0>(a, b);
+  if (wd == 1) return select_a<Op, P, M, 1>(a, b);
+  return select_a<Op, P, M, 0>(a, b);
 }
 
+template <typename Op, bool P>
+MathFn<Op> select_plain(bool masked, int wd, bool a, bool b) {
+  return masked ? select_wd<Op, P, true>(wd, a, b) : select_wd<Op, P, false>(wd, a, b);
+}
+
+// plain: grad scale 1, l1 0 and no maximize (see math_loop).
 template <typename Op>
-MathFn<Op> select_math(bool masked, int wd, bool a, bool b) {
-  return masked ? select_wd<Op, true>(wd, a, b) : select_wd<Op, false>(wd, a, b);
+MathFn<Op> select_math(bool plain, bool masked, int wd, bool a, bool b) {
+  return plain ? select_plain<Op, true>(masked, wd, a, b) : select_plain<Op, false>(masked, wd, a, b);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -182,10 +213,81 @@ struct Format {
   // Per row, the binary search's level tables: level l (l = 0 .. bits-1, step 2^(bits-1-l)) holds the 2^l
   // midpoints mids[k * 2 * step + step - 1] (mids padded with +inf to 2^bits entries).
   float levels[2][256];
+  // Per row, byte j of every map value (planes[row][j][code]): the 8-bit dequantizer's vpermi2b tables.
+  alignas(64) uint8_t planes[2][4][256];
+  // Per row, the 8-bit quantizer's bucket tables (null: binary search).
+  std::shared_ptr<const struct Buckets> buckets[2];
 };
 
-void build_levels(Format& fm, const float* mids_row, int row) {
+// The 8-bit quantizer without a search: |x|'s float bits, exponent and top m mantissa bits, name a bucket (one
+// per sign; |x| < 2^-24 share the first, |x| >= 2 and inf/NaN the last); m is the least for which no bucket holds
+// more than one midpoint, so code = code[b] + (mid[b] < x), code[b] = #{mids < the bucket's lowest x}, mid[b] the
+// bucket's midpoint or +inf: the same count as the search, ties included. Two gathers from L1 tables (~30 KB).
+struct Buckets {
+  int m = 0;
+  int32_t nb = 0;               // buckets per sign
+  std::vector<float> mid;       // [2 * nb], negative x from nb on
+  std::vector<uint8_t> code;    // [2 * nb + 3] (gathered as 32-bit words, masked to the low byte)
+};
+constexpr int32_t kBucketE0 = 127 - 24;
+
+// nullptr when no m <= 8 separates the midpoints (the tables then stay a binary search).
+std::shared_ptr<const Buckets> build_buckets(const float* mids, int nmid) {
+  auto count = [&](float x) { return int32_t(std::lower_bound(mids, mids + nmid, x) - mids); };
+  for (int m = 4; m <= 8; ++m) {
+    auto b = std::make_shared<Buckets>();
+    b->m = m;
+    b->nb = 2 + ((128 - kBucketE0) << m);
+    b->mid.resize(2 * b->nb);
+    b->code.assign(2 * b->nb + 3, 0);
+    bool ok = true;
+    for (int32_t k = 0; k < b->nb && ok; ++k) {
+      uint32_t lo, hi;  // |x| bit range of bucket k
+      if (k == 0) {
+        lo = 0, hi = (uint32_t(kBucketE0) << 23) - 1;
+      } else if (k == b->nb - 1) {
+        lo = 128u << 23, hi = 0x7f800000u;
+      } else {
+        lo = uint32_t(k - 1 + (kBucketE0 << m)) << (23 - m), hi = lo + (1u << (23 - m)) - 1;
+      }
+      for (int sg = 0; sg < 2; ++sg) {
+        const float xlo = sg ? -float_of(hi) : float_of(lo), xhi = sg ? -float_of(lo) : float_of(hi);
+        const int32_t clo = count(xlo), chi = count(xhi);
+        if (chi - clo > 1) {
+          ok = false;
+          break;
+        }
+        b->code[sg * b->nb + k] = uint8_t(clo);
+        b->mid[sg * b->nb + k] = chi > clo ? mids[clo] : std::numeric_limits<float>::infinity();
+      }
+    }
+    if (ok) return b;
+  }
+  return nullptr;
+}
+
+// Tables are built once per map (a few hundred microseconds) and reused while the maps stay the same.
+std::shared_ptr<const Buckets> cached_buckets(const float* mids, int nmid) {
+  static std::mutex mu;
+  static std::vector<std::pair<std::vector<float>, std::shared_ptr<const Buckets>>> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  for (const auto& [key, b] : cache) {
+    if (int(key.size()) == nmid && std::memcmp(key.data(), mids, nmid * sizeof(float)) == 0) return b;
+  }
+  auto b = build_buckets(mids, nmid);
+  if (cache.size() >= 8) cache.erase(cache.begin());
+  cache.emplace_back(std::vector<float>(mids, mids + nmid), b);
+  return b;
+}
+
+// The unsigned row's first midpoint is taken as min(mid, 0): then #{mids < x} >= 1 for every x > 0, which is the
+// reference's rule that a positive value never takes the code of 0, with no per-element fix-up (x <= 0 keeps 0).
+void build_levels(Format& fm, const float* mids_in, int row) {
   const int nq = 1 << fm.bits;
+  float mids_row[256];
+  std::memcpy(mids_row, mids_in, nq * sizeof(float));
+  if (row == 1) mids_row[0] = std::min(mids_row[0], 0.0f);
+  fm.buckets[row] = fm.bits == 8 ? cached_buckets(mids_row, nq - 1) : nullptr;
   int off = 0;
   for (int l = 0; l < fm.bits; ++l) {
     const int step = nq >> (l + 1);
@@ -209,22 +311,20 @@ inline int32_t search_scalar(const Format& fm, int row, float x) {
 }
 
 #if defined(__AVX512F__)
-// table[idx] for a table of up to 256 floats (entries beyond its length are never indexed).
+// table[idx] for a table of up to 256 floats (entries beyond its length are never indexed). Above 32 entries the
+// two halves are looked up and one blended by the next index bit: a vptestmd per level of the tree (shared by the
+// whole level once inlined) instead of a compare per 32-entry slice, since masks and permutes share port 5.
 template <int N>
 inline __m512 lookup(const float* table, __m512i idx) {
   if constexpr (N == 1) {
     return _mm512_set1_ps(table[0]);
   } else if constexpr (N <= 16) {
     return _mm512_permutexvar_ps(idx, _mm512_loadu_ps(table));
+  } else if constexpr (N == 32) {
+    return _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
   } else {
-    __m512 r = _mm512_permutex2var_ps(_mm512_loadu_ps(table), idx, _mm512_loadu_ps(table + 16));
-    const __m512i hi = _mm512_srli_epi32(idx, 5);
-    for (int k = 1; k < N / 32; ++k) {
-      const __m512 t =
-          _mm512_permutex2var_ps(_mm512_loadu_ps(table + 32 * k), idx, _mm512_loadu_ps(table + 32 * k + 16));
-      r = _mm512_mask_mov_ps(r, _mm512_cmpeq_epi32_mask(hi, _mm512_set1_epi32(k)), t);
-    }
-    return r;
+    const __m512 lo = lookup<N / 2>(table, idx), hi = lookup<N / 2>(table + N / 2, idx);
+    return _mm512_mask_mov_ps(lo, _mm512_test_epi32_mask(idx, _mm512_set1_epi32(N / 2)), hi);
   }
 }
 
@@ -251,7 +351,37 @@ inline __m512i search16(const Format& fm, int row, __m512 x) {
     level(std::integral_constant<int, 6>{});
     level(std::integral_constant<int, 7>{});
   }
-  return _mm512_mask_mov_epi32(pos, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32((1 << Bits) - 1));
+  return pos;
+}
+
+// 8-bit codes by the bucket tables (see Buckets).
+inline __m512i bucket16(const Buckets& bk, __m512 x) {
+  const __m512i u = _mm512_castps_si512(x);
+  const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+  __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(a, 23 - bk.m), _mm512_set1_epi32((kBucketE0 << bk.m) - 1));
+  k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_setzero_si512()), _mm512_set1_epi32(bk.nb - 1));
+  k = _mm512_mask_add_epi32(k, _mm512_movepi32_mask(u), k, _mm512_set1_epi32(bk.nb));
+  const __m512 mid = _mm512_i32gather_ps(k, bk.mid.data(), 4);
+  const __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(k, bk.code.data(), 1), _mm512_set1_epi32(255));
+  return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(mid, x, _CMP_LT_OQ), c, _mm512_set1_epi32(1));
+}
+
+// Codes of src[0:n) * r, 16 at a time; returns how many were done. special: the block holds an inf or a NaN, so
+// x may be NaN (inf * 0 too), whose code is the last one (the reference's searchsorted puts NaN past every mid).
+template <int Bits>
+int64_t codes16(const Format& fm, int row, const float* __restrict src, float r, bool special, int64_t n,
+                uint8_t* __restrict codes) {
+  const __m512 vr = _mm512_set1_ps(r);
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + i), vr);
+    __m512i c = Bits == 8 && fm.buckets[row] ? bucket16(*fm.buckets[row], x) : search16<Bits>(fm, row, x);
+    if (special) {
+      c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32((1 << Bits) - 1));
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
+  }
+  return i;
 }
 #endif
 
@@ -302,6 +432,43 @@ inline void store_bf16_sr(const float* __restrict src, uint16_t* __restrict dst,
   }
 }
 
+#if defined(__AVX512VBMI__)
+// 8-bit codes -> q[code] * a, 64 at a time; returns how many were done. Each byte of the float is looked up in its
+// own 256-entry byte plane (two vpermi2b and a blend on the code's top bit), then the four byte vectors are
+// interleaved by in-lane unpacks. The codes are first permuted (a 4 x 4 transpose of 4-byte groups) so that the
+// unpacks' lane order comes out sequential. 17 port-5 uops per 64 values, against 44 for float permutes.
+inline int64_t dequant64(const uint8_t (*planes)[256], const uint8_t* __restrict c, float a, int64_t n,
+                         float* __restrict dst) {
+  alignas(64) static const uint8_t kOrder[64] = {
+      0, 1, 2, 3, 16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4, 5, 6, 7, 20, 21, 22, 23, 36, 37, 38, 39,
+      52, 53, 54, 55, 8, 9, 10, 11, 24, 25, 26, 27, 40, 41, 42, 43, 56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31,
+      44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kOrder);
+  __m512i t[4][4];
+  for (int j = 0; j < 4; ++j) {
+    for (int k = 0; k < 4; ++k) t[j][k] = _mm512_load_si512(planes[j] + 64 * k);
+  }
+  const __m512 va = _mm512_set1_ps(a);
+  int64_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    const __m512i idx = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(c + i));
+    const __mmask64 top = _mm512_movepi8_mask(idx);
+    __m512i b[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512i lo = _mm512_permutex2var_epi8(t[j][0], idx, t[j][1]);
+      const __m512i hi = _mm512_permutex2var_epi8(t[j][2], idx, t[j][3]);
+      b[j] = _mm512_mask_mov_epi8(lo, top, hi);
+    }
+    const __m512i w_lo = _mm512_unpacklo_epi8(b[0], b[1]), w_hi = _mm512_unpackhi_epi8(b[0], b[1]);
+    const __m512i u_lo = _mm512_unpacklo_epi8(b[2], b[3]), u_hi = _mm512_unpackhi_epi8(b[2], b[3]);
+    const __m512i v[4] = {_mm512_unpacklo_epi16(w_lo, u_lo), _mm512_unpackhi_epi16(w_lo, u_lo),
+                          _mm512_unpacklo_epi16(w_hi, u_hi), _mm512_unpackhi_epi16(w_hi, u_hi)};
+    for (int k = 0; k < 4; ++k) _mm512_storeu_ps(dst + i + 16 * k, _mm512_mul_ps(_mm512_castsi512_ps(v[k]), va));
+  }
+  return i;
+}
+#endif
+
 // State slot -> float block.
 inline void load_state(const Format& fm, bool sgn, const void* s, const void* sc, int64_t e0, int64_t n,
                        float* __restrict dst) {
@@ -318,6 +485,9 @@ inline void load_state(const Format& fm, bool sgn, const void* s, const void* sc
   if (fm.bits == 8) {
     const uint8_t* c = static_cast<const uint8_t*>(s) + e0;
     const float a = static_cast<const float*>(sc)[e0 / fm.block];
+#if defined(__AVX512VBMI__)
+    i = dequant64(fm.planes[sgn ? 0 : 1], c, a, n, dst);
+#endif
 #if defined(__AVX512F__)
     const __m512 va = _mm512_set1_ps(a);
     for (; i + 16 <= n; i += 16) {
@@ -366,24 +536,10 @@ inline void store_state(const Format& fm, bool sgn, void* s, void* sc, int64_t e
   alignas(64) uint8_t codes[kMaxBlock];
   int64_t i = 0;
 #if defined(__AVX512F__)
-  const __m512 vr = _mm512_set1_ps(r);
-  for (; i + 16 <= n; i += 16) {
-    const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + i), vr);
-    __m512i c = fm.bits == 8 ? search16<8>(fm, row, x) : search16<4>(fm, row, x);
-    if (!sgn) {  // a positive value never takes the code of 0
-      const __mmask16 z = _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ) &
-                          _mm512_cmpeq_epi32_mask(c, _mm512_setzero_si512());
-      c = _mm512_mask_mov_epi32(c, z, _mm512_set1_epi32(1));
-    }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(c));
-  }
+  const bool special = amax >= 0x7f800000u;
+  i = fm.bits == 8 ? codes16<8>(fm, row, src, r, special, n, codes) : codes16<4>(fm, row, src, r, special, n, codes);
 #endif
-  for (; i < n; ++i) {
-    const float x = src[i] * r;
-    int32_t c = search_scalar(fm, row, x);
-    if (!sgn) c = (x > 0.0f && c == 0) ? 1 : c;
-    codes[i] = uint8_t(c);
-  }
+  for (; i < n; ++i) codes[i] = uint8_t(search_scalar(fm, row, src[i] * r));
   if (fm.bits == 8) {
     std::memcpy(static_cast<uint8_t*>(s) + e0, codes, n);
     static_cast<float*>(sc)[e0 / fm.block] = a;
@@ -398,6 +554,34 @@ inline void store_state(const Format& fm, bool sgn, void* s, void* sc, int64_t e
 }
 
 // ---------------------------------------------------------------------------------------------------------
+
+inline void prefetch_lines(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(c + o, 0, 3);
+}
+
+// The next block's bytes, requested while this block computes: the step is compute-bound per block, so without
+// this each block would wait on its loads before any compute starts (the hardware prefetcher does not run far
+// enough ahead of a loop that spends most of its time on permutes).
+inline void prefetch_block(const QTensor& t, int64_t e0, int64_t m, const Format& fm, size_t psize) {
+  if (t.master) {
+    prefetch_lines(t.master + e0, m * 4);
+  } else {
+    prefetch_lines(static_cast<const char*>(t.param) + e0 * psize, m * int64_t(psize));
+  }
+  prefetch_lines(static_cast<const char*>(t.grad) + e0 * psize, m * int64_t(psize));
+  if (t.mask) prefetch_lines(t.mask + e0, m);
+  for (int k = 0; k < 3; ++k) {
+    if (!t.s[k]) continue;
+    if (fm.bits == 8) {
+      prefetch_lines(static_cast<const uint8_t*>(t.s[k]) + e0, m);
+    } else if (fm.bits == 4) {
+      prefetch_lines(static_cast<const uint8_t*>(t.s[k]) + e0 / 2, (m + 1) / 2);
+    } else {
+      prefetch_lines(static_cast<const char*>(t.s[k]) + e0 * (fm.bits / 8), m * (fm.bits / 8));
+    }
+  }
+}
 
 template <typename Op>
 struct Context {
@@ -418,6 +602,7 @@ void run_item(const Context<Op>& ctx, const QTensor& t, int64_t b, int64_t n) {
   for (int k = 0; k < 3; ++k) used[k] = t.s[k] != nullptr;
   for (int64_t e0 = b; e0 < b + n; e0 += fm.block) {
     const int64_t m = std::min<int64_t>(fm.block, b + n - e0);
+    if (e0 + m < b + n) prefetch_block(t, e0 + m, std::min<int64_t>(fm.block, b + n - e0 - m), fm, sizeof(P));
     float* pp = pt;
     if (t.master) {
       pp = t.master + e0;
@@ -578,6 +763,8 @@ bool read_scalars(TensorList params, const std::optional<Tensor>& lr_tensor, con
   return true;
 }
 
+bool plain(double scale, double l1, bool maximize) { return scale == 1.0 && l1 == 0.0 && !maximize; }
+
 void need(const std::vector<double>& h, const std::vector<bool>& f, size_t nh, size_t nf, const std::string& op) {
   TORCH_CHECK(h.size() == nh && f.size() == nf, "nnopt::", kOp, ": op '", op, "' takes ", nh, " hyper and ", nf,
               " flags, got ", h.size(), " and ", f.size());
@@ -610,6 +797,9 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
     for (int r = 0; r < 2; ++r) {
       fm.qmap[r] = qmap.data_ptr<float>() + r * nq;
       build_levels(fm, mids.data_ptr<float>() + r * nq, r);
+      for (int64_t c = 0; c < nq; ++c) {
+        for (int j = 0; j < 4; ++j) fm.planes[r][j][c] = uint8_t(bits_of(fm.qmap[r][c]) >> (8 * j));
+      }
     }
   }
   const std::vector<TensorList> sts{states0, states1, states2}, scs{scales0, scales1, scales2};
@@ -635,7 +825,7 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
       set_step(a, step->item<double>());
     }
     Context<AdamOp> ctx{make_adam<float>(lr, a), nullptr, fm, ams, false, seed >= 0};
-    ctx.fn = select_math<AdamOp>(masked, h[4] != 0 ? (f[0] ? 2 : 1) : 0, ams, false);
+    ctx.fn = select_math<AdamOp>(plain(scale, h[5], f[2]), masked, h[4] != 0 ? (f[0] ? 2 : 1) : 0, ams, false);
     run_all(ctx, ts);
   } else if (op == "sgd_step") {
     // hyper: lr momentum dampening weight_decay l1; flags: nesterov maximize first_step
@@ -647,7 +837,7 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
     keys(ts);
     const SgdArgs a{lr, h[1], h[2], h[3], h[4], scale, f[0], f[1], f[2]};
     Context<SgdOp> ctx{make_sgd<float>(lr, a), nullptr, fm, mom, false, seed >= 0};
-    ctx.fn = select_math<SgdOp>(masked, h[3] != 0 ? 1 : 0, mom, false);
+    ctx.fn = select_math<SgdOp>(plain(scale, h[4], f[1]), masked, h[3] != 0 ? 1 : 0, mom, false);
     run_all(ctx, ts);
   } else if (op == "adagrad_step") {
     // hyper: lr weight_decay eps l1 lr_decay_denom lr_decay; flags: maximize
@@ -662,7 +852,7 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
       set_step(a, step->item<double>());
     }
     Context<AdagradOp> ctx{make_adagrad<float>(lr, a), nullptr, fm, false, false, seed >= 0};
-    ctx.fn = select_math<AdagradOp>(masked, h[1] != 0 ? 1 : 0, false, false);
+    ctx.fn = select_math<AdagradOp>(plain(scale, h[3], f[0]), masked, h[1] != 0 ? 1 : 0, false, false);
     run_all(ctx, ts);
   } else if (op == "rmsprop_step") {
     // hyper: lr alpha eps weight_decay momentum l1; flags: centered maximize
@@ -674,7 +864,7 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
     keys(ts);
     const RmspropArgs a{lr, h[1], h[2], h[3], h[4], h[5], scale, f[1]};
     Context<RmspropOp> ctx{make_rmsprop<float>(lr, a), nullptr, fm, mom, centered, seed >= 0};
-    ctx.fn = select_math<RmspropOp>(masked, h[3] != 0 ? 1 : 0, mom, centered);
+    ctx.fn = select_math<RmspropOp>(plain(scale, h[5], f[1]), masked, h[3] != 0 ? 1 : 0, mom, centered);
     run_all(ctx, ts);
   } else {
     TORCH_CHECK(false, "nnopt::", kOp, ": unknown op '", op, "' (sgd_step, adam_step, adagrad_step, rmsprop_step)");

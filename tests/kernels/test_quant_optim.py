@@ -143,6 +143,57 @@ def test_grad_scale_found_inf_lr_tensor_step(backend):
     assert all(torch.equal(a, b) for la, lb in zip(states + scales, before[1] + before[2]) for a, b in zip(la, lb))
 
 
+def _edge_values(bits, signed, block):
+    """Values that land exactly on every midpoint and map value and one ulp either side of them, zeros, tiny values,
+    in blocks that each start with 1.0 (so absmax is 1 and the normalized value is the value itself), then one block
+    holding an inf and one holding a NaN."""
+    qmap, mids = R.tables(bits, "cpu")
+    row = 0 if signed else 1
+    pts = torch.cat([mids[row, :-1], qmap[row]])
+    pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)), torch.nextafter(pts, torch.tensor(-2.0)),
+                     torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 1e-9, 3e-8])]).clamp(-1, 1)
+    if not signed:
+        pts = pts.abs()
+    per = block - 1
+    chunks = [torch.cat([torch.ones(1), pts[i:i + per]]) for i in range(0, pts.numel(), per)]
+    special = torch.full((2 * block,), 0.5)
+    special[3], special[block + 5] = float("inf"), float("nan")
+    return torch.cat(chunks[:-1] + [special, chunks[-1]])  # the last block is partial: the kernels' tails
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [8, 4])
+def test_codes_at_edges(backend, bits):
+    """Codes identical to the reference's on ties (values exactly on a midpoint go to the lower code), one ulp off
+    them, tiny positives of unsigned states (never code 0), zeros, and blocks with an inf or a NaN.
+
+    Signed states through SGD's first step (the momentum buffer becomes the gradient exactly); unsigned ones through
+    Adam with beta2 = 0 (exp_avg_sq becomes g*g for g = sqrt(value): within an ulp of each edge, both sides)."""
+    skip_unless_available(backend, "cpu", FAMILY)
+    block = R.DEFAULT_BLOCK[bits]
+    cases = [("sgd_step", _edge_values(bits, True, block), dict(OPS["sgd_step"], first_step=True, weight_decay=0.0,
+                                                                  l1=0.0, dampening=0.0))]
+    cases.append(("adam_step", _edge_values(bits, False, block).sqrt(), dict(OPS["adam_step"], beta2=0.0,
+                                                                           amsgrad=False)))
+    for op, g, hyper in cases:
+        n = g.numel()
+        p = torch.randn(n)
+        states, scales = make_states(op, n, bits, block)
+        if op == "adam_step":  # no amsgrad: the third slot is unused
+            states[2], scales[2] = [], []
+        got = (p.clone(), clone(states), clone(scales))
+        R.quant_step(op, [p], [g], states, scales, [], [], bits=bits, block_size=block, **hyper)
+        impl(backend).quant_step(op, [got[0]], [g], got[1], got[2], [], [], bits=bits, block_size=block, **hyper)
+        for k, (a, b) in enumerate(zip(states + scales, got[1] + got[2])):
+            if not a:
+                continue
+            if a[0].dtype == torch.uint8:
+                bad = (a[0] != b[0]).nonzero()[:5].tolist()
+                assert torch.equal(a[0], b[0]), f"{op} slot {k}: codes differ at {bad}"
+            else:  # absmax: exact (a NaN block's NaN payload may differ)
+                torch.testing.assert_close(b[0], a[0], rtol=0, atol=0, equal_nan=True)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_stochastic_rounding(backend):
     """bf16 parameters rounded stochastically: identical to the reference's stream, reproducible, unbiased."""
