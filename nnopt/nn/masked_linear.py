@@ -6,8 +6,8 @@ The weight follows nnopt.prune's mask contract: it holds exact zeros at masked e
 the zeros inside their kernels (torch.optim optimizers through the contract's post-step hook), and loading a
 state_dict re-applies the mask. The layer's backward masks dW itself, so no gradient hook is added.
 
-Inference on CPU (no gradient needed) of at most dispatch.PACKED_ROWS rows (decode, short prefill) takes a short
-path: the layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed)
+Inference on CPU (no gradient needed) of at most dispatch.PACKED_ROWS rows (decode, prefill, batch serving) takes
+a short path: the layer keeps the panels of W ⊙ mask packed for the weight-streaming kernels (nnopt::masked_linear_packed)
 and repacks them only when the weight, mask or bias changes (their versions) or the dtype does (autocast); a call
 is then one op call. auto takes it per M class where the calibrated cost model predicts it beats dense F.linear.
 The panels hold the kept tiles only (at 90% block sparsity, a tenth of the weight's memory).
