@@ -13,6 +13,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "nnopt/muon_checks.h"
 #include "nnopt/muon_math.h"
 #include "nnopt/optim_checks.h"
 
@@ -62,46 +63,15 @@ void by_dtype(at::ScalarType dt, const Fn& fn) {
   }
 }
 
-void check_floating(const char* op, const char* name, size_t i, const Tensor& t, at::Device device, int64_t numel) {
-  TORCH_CHECK(t.defined(), "nnopt::", op, ": ", name, "[", i, "] is undefined");
-  const at::ScalarType dt = t.scalar_type();
-  TORCH_CHECK(dt == at::kFloat || dt == at::kDouble || dt == at::kBFloat16 || dt == at::kHalf, "nnopt::", op, ": ",
-              name, "[", i, "] has dtype ", dt, ", expected float32, float64, bfloat16 or float16");
-  TORCH_CHECK(t.device() == device, "nnopt::", op, ": ", name, "[", i, "] is on ", t.device(), ", expected ", device);
-  TORCH_CHECK(t.numel() == numel, "nnopt::", op, ": ", name, "[", i, "] has ", t.numel(), " elements, expected ",
-              numel);
-  TORCH_CHECK(t.is_contiguous(), "nnopt::", op, ": ", name, "[", i, "] must be contiguous");
-}
-
-bool skipped(const char* op, at::Device device, const std::optional<Tensor>& found_inf) {
-  check_scalar_tensor(op, "found_inf", found_inf, device);
+bool skipped(const std::optional<Tensor>& found_inf) {  // found_inf already checked (muon_checks.h)
   return found_inf.has_value() && found_inf->item<double>() != 0;
 }
 
 void muon_momentum_cpu(TensorList grads, TensorList bufs, TensorList updates, TensorList masks, double momentum,
                        bool nesterov, const std::optional<Tensor>& grad_scale,
                        const std::optional<Tensor>& found_inf) {
-  const char* op = "muon_momentum_";
-  const size_t n = grads.size();
-  check_length(op, "momentum_buffers", bufs, n, true);
-  check_length(op, "updates", updates, n, true);
-  check_length(op, "masks", masks, n, false);
-  if (n == 0) return;
-  const at::Device device = grads[0].device();
-  for (size_t i = 0; i < n; ++i) {
-    check_floating(op, "grads", i, grads[i], device, grads[i].numel());
-    TORCH_CHECK(grads[i].scalar_type() == grads[0].scalar_type(), "nnopt::", op, ": grads[", i, "] has dtype ",
-                grads[i].scalar_type(), ", grads[0] ", grads[0].scalar_type());
-    check_floating(op, "momentum_buffers", i, bufs[i], device, grads[i].numel());
-    TORCH_CHECK(bufs[i].scalar_type() == bufs[0].scalar_type(), "nnopt::", op, ": momentum_buffers[", i,
-                "] has dtype ", bufs[i].scalar_type(), ", momentum_buffers[0] ", bufs[0].scalar_type());
-    check_floating(op, "updates", i, updates[i], device, grads[i].numel());
-    TORCH_CHECK(updates[i].scalar_type() == updates[0].scalar_type(), "nnopt::", op, ": updates[", i,
-                "] has dtype ", updates[i].scalar_type(), ", updates[0] ", updates[0].scalar_type());
-    if (!masks.empty()) check_tensor(op, "masks", i, masks[i], device, at::kBool, "masks are bool", grads[i].numel());
-  }
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  if (skipped(op, device, found_inf)) return;
+  if (!check_muon_momentum("muon_momentum_", grads, bufs, updates, masks, grad_scale, found_inf)) return;
+  if (skipped(found_inf)) return;
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
   int64_t total;
   const std::vector<Item> items = make_items(grads, total);
@@ -134,32 +104,10 @@ void muon_momentum_cpu(TensorList grads, TensorList bufs, TensorList updates, Te
 void muon_update_cpu(TensorList params, TensorList updates, TensorList masters, TensorList masks, double lr,
                      double weight_decay, at::ArrayRef<double> lr_ratios, double l1,
                      const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& found_inf) {
-  const char* op = "muon_update_";
-  const size_t n = params.size();
-  check_length(op, "updates", updates, n, true);
-  check_length(op, "masters", masters, n, false);
-  check_length(op, "masks", masks, n, false);
-  TORCH_CHECK(lr_ratios.size() == n, "nnopt::", op, ": lr_ratios must hold one value per param (", n, "), got ",
-              lr_ratios.size());
-  if (n == 0) return;
-  const at::Device device = params[0].device();
+  if (!check_muon_update("muon_update_", params, updates, masters, masks, lr_ratios, lr_tensor, found_inf)) return;
+  if (skipped(found_inf)) return;
   const at::ScalarType dt = params[0].scalar_type();
   const bool has_master = !masters.empty(), masked = !masks.empty();
-  TORCH_CHECK(!has_master || dt == at::kBFloat16 || dt == at::kHalf, "nnopt::", op,
-              ": masters are float32 copies of bfloat16/float16 params, but params are ", dt);
-  for (size_t i = 0; i < n; ++i) {
-    const int64_t numel = params[i].numel();
-    check_floating(op, "params", i, params[i], device, numel);
-    TORCH_CHECK(params[i].scalar_type() == dt, "nnopt::", op, ": params[", i, "] has dtype ",
-                params[i].scalar_type(), ", params[0] ", dt);
-    check_floating(op, "updates", i, updates[i], device, numel);
-    TORCH_CHECK(updates[i].scalar_type() == updates[0].scalar_type(), "nnopt::", op, ": updates[", i,
-                "] has dtype ", updates[i].scalar_type(), ", updates[0] ", updates[0].scalar_type());
-    if (has_master) check_tensor(op, "masters", i, masters[i], device, at::kFloat, "masters are float32", numel);
-    if (masked) check_tensor(op, "masks", i, masks[i], device, at::kBool, "masks are bool", numel);
-  }
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
-  if (skipped(op, device, found_inf)) return;
   if (lr_tensor.has_value()) lr = lr_tensor->item<double>();
   int64_t total;
   const std::vector<Item> items = make_items(params, total);

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "multi_tensor_apply.cuh"
+#include "nnopt/muon_checks.h"
 #include "nnopt/muon_math.h"
 #include "nnopt/optim_checks.h"
 
@@ -122,35 +123,12 @@ void by_dtype(at::ScalarType dt, const Fn& fn) {
   }
 }
 
-void check_list(const char* op, const char* name, TensorList lst, at::Device device, TensorList ref) {
-  for (size_t i = 0; i < lst.size(); ++i) {
-    TORCH_CHECK(lst[i].device() == device, "nnopt::", op, ": ", name, "[", i, "] is on ", lst[i].device(),
-                ", expected ", device);
-    TORCH_CHECK(lst[i].scalar_type() == lst[0].scalar_type(), "nnopt::", op, ": ", name, "[", i, "] has dtype ",
-                lst[i].scalar_type(), ", ", name, "[0] ", lst[0].scalar_type(), " (one dtype per list)");
-    TORCH_CHECK(lst[i].numel() == ref[i].numel(), "nnopt::", op, ": ", name, "[", i, "] has ", lst[i].numel(),
-                " elements, expected ", ref[i].numel());
-    TORCH_CHECK(lst[i].is_contiguous(), "nnopt::", op, ": ", name, "[", i, "] must be contiguous");
-  }
-}
-
 void muon_momentum_cuda(TensorList grads, TensorList bufs, TensorList updates, TensorList masks, double momentum,
                         bool nesterov, const std::optional<Tensor>& grad_scale,
                         const std::optional<Tensor>& found_inf) {
-  const char* op = "muon_momentum_";
+  if (!check_muon_momentum("muon_momentum_", grads, bufs, updates, masks, grad_scale, found_inf)) return;
   const size_t n = grads.size();
-  check_length(op, "momentum_buffers", bufs, n, true);
-  check_length(op, "updates", updates, n, true);
-  check_length(op, "masks", masks, n, false);
-  if (n == 0) return;
   const at::Device device = grads[0].device();
-  check_list(op, "grads", grads, device, grads);
-  check_list(op, "momentum_buffers", bufs, device, grads);
-  check_list(op, "updates", updates, device, grads);
-  check_list(op, "masks", masks, device, grads);
-  TORCH_CHECK(masks.empty() || masks[0].scalar_type() == at::kBool, "nnopt::", op, ": masks must be bool");
-  check_scalar_tensor(op, "grad_scale", grad_scale, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
   std::vector<MomentumMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
     metas[i] = {grads[i].data_ptr(), bufs[i].data_ptr(), updates[i].data_ptr(),
@@ -173,26 +151,10 @@ void muon_momentum_cuda(TensorList grads, TensorList bufs, TensorList updates, T
 void muon_update_cuda(TensorList params, TensorList updates, TensorList masters, TensorList masks, double lr,
                       double weight_decay, at::ArrayRef<double> lr_ratios, double l1,
                       const std::optional<Tensor>& lr_tensor, const std::optional<Tensor>& found_inf) {
-  const char* op = "muon_update_";
+  if (!check_muon_update("muon_update_", params, updates, masters, masks, lr_ratios, lr_tensor, found_inf)) return;
   const size_t n = params.size();
-  check_length(op, "updates", updates, n, true);
-  check_length(op, "masters", masters, n, false);
-  check_length(op, "masks", masks, n, false);
-  TORCH_CHECK(lr_ratios.size() == n, "nnopt::", op, ": lr_ratios must hold one value per param (", n, "), got ",
-              lr_ratios.size());
-  if (n == 0) return;
   const at::Device device = params[0].device();
-  check_list(op, "params", params, device, params);
-  check_list(op, "updates", updates, device, params);
-  check_list(op, "masters", masters, device, params);
-  check_list(op, "masks", masks, device, params);
   const at::ScalarType dt = params[0].scalar_type();
-  TORCH_CHECK(masters.empty() || ((dt == at::kBFloat16 || dt == at::kHalf) &&
-                                  masters[0].scalar_type() == at::kFloat),
-              "nnopt::", op, ": masters are float32 copies of bfloat16/float16 params");
-  TORCH_CHECK(masks.empty() || masks[0].scalar_type() == at::kBool, "nnopt::", op, ": masks must be bool");
-  check_scalar_tensor(op, "lr_tensor", lr_tensor, device);
-  check_scalar_tensor(op, "found_inf", found_inf, device);
   std::vector<UpdateMeta> metas(n);
   for (size_t i = 0; i < n; ++i) {
     metas[i] = {params[i].data_ptr(), updates[i].data_ptr(),
