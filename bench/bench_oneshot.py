@@ -249,7 +249,7 @@ def run_speed(args):
         label = f"sparsegpt, hessian_dtype={HDT_NAMES[hdt]}"
         totals = [sum(v) for v in zip(*got.values())]
         for part, name in (("hessian", "Hessian XᵀX (upper triangle)"),
-                           ("factor", "damp + Cholesky + inverse + Cholesky"),
+                           ("factor", "damp + Cholesky + triangular inverse"),
                            ("prune", "mask selection + column-block updates (cpu kernel)")):
             rows.append({"method": label, "part": name, "seconds": statistics.median(got[part])})
         rows.append({"method": label, "part": "total", "seconds": statistics.median(totals)})

@@ -44,6 +44,7 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
+#include "nnopt/fresh_memory.h"
 #include "nnopt/masked_linear_checks.h"
 
 #include <algorithm>
@@ -613,44 +614,19 @@ inline int64_t tiles_per_item(int64_t mt, int64_t blocks) {
   return std::max<int64_t>(1, ceil_div(mt, parts));
 }
 
-// A fresh buffer of many MiB is mapped page by page as it is first written: one page fault per 4 KiB, which
-// costs more than writing it (measured: 30 ms of faults for a 64 MiB dW here). Transparent huge pages cut the
-// faults 512-fold; this asks for them on the 2 MiB-aligned interior of a large output or scratch buffer (what
-// torch's allocator does for every large allocation under THP_MEM_ALLOC_ENABLE=1). A hint: without THP, a no-op.
-void advise_huge_pages(void* p, int64_t bytes) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t huge = uintptr_t(2) << 20;
-  if (bytes < int64_t(8 * huge)) return;
-  const uintptr_t begin = (reinterpret_cast<uintptr_t>(p) + huge - 1) & ~(huge - 1);
-  const uintptr_t end = (reinterpret_cast<uintptr_t>(p) + uintptr_t(bytes)) & ~(huge - 1);
-  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
-#endif
-}
-
 // dW [N, K] as fresh anonymous memory, which the kernel hands out zeroed: the product then writes only the kept
 // tiles, and the zeros between them cost no pass of ours (at 99% sparsity that pass, over memory the kernel has
-// just zeroed anyway, was half of dW's time). 2 MiB-aligned and advised huge pages (see advise_huge_pages). Only
+// just zeroed anyway, was half of dW's time). 2 MiB-aligned and advised huge pages (nnopt/fresh_memory.h). Only
 // for outputs of at least `kFreshBytes` (glibc maps those fresh per allocation too); nullopt elsewhere, or when the
 // mapping fails, and the caller zero-fills an ordinary tensor.
 constexpr int64_t kFreshBytes = int64_t(16) << 20;
 
 std::optional<Tensor> fresh_zeroed(int64_t rows, int64_t cols, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MAP_ANONYMOUS)
   const int64_t bytes = rows * cols * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (bytes < kFreshBytes) return std::nullopt;
-  constexpr size_t huge = size_t(2) << 20;
-  const size_t span = (size_t(bytes) + huge - 1) / huge * huge, len = span + huge;
-  void* raw = mmap(nullptr, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return std::nullopt;
-  void* p = reinterpret_cast<void*>((reinterpret_cast<uintptr_t>(raw) + huge - 1) & ~uintptr_t(huge - 1));
-#if defined(MADV_HUGEPAGE)
-  madvise(p, span, MADV_HUGEPAGE);
-#endif
-  return at::from_blob(p, {rows, cols}, [raw, len](void*) { munmap(raw, len); }, options);
-#else
-  (void)rows, (void)cols, (void)options;
-  return std::nullopt;
-#endif
+  std::optional<Tensor> t = fresh_mapping(rows * cols, options);
+  if (t) *t = t->view({rows, cols});
+  return t;
 }
 
 // ---------------------------------------------------------------------------------------------------------

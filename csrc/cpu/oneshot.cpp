@@ -20,12 +20,15 @@
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 
+#include "nnopt/fresh_memory.h"
+
 #include <algorithm>
 #include <array>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__linux__)
@@ -119,12 +122,12 @@ void sparsegpt_block_cpu(Tensor& w, const Tensor& u, Tensor& pruned, Tensor& err
 // bias (Σ lo² > 0) and costs O(TK), so it is kept.
 //
 // With AMX (Sapphire Rapids and later, after the kernel grants the tile state), the products run as
-// TDPBF16PS tiles that accumulate in float32 over the whole batch: oneDNN's bf16 GEMM would round each batch's
-// product to bf16 (no float32 output on CPU in torch), which made the old hessian_dtype=bfloat16 path lossy.
-// Operands (one pass over x, pack_split): A tiles of hiᵀ/loᵀ (a tile row = one feature over 32 tokens) and B
-// tiles of hi/lo in the VNNI layout (a tile row = 16 features × a token pair), 1 KiB each, the two tiles of a
-// 32-wide block and 32-token step adjacent (the kernel's four loads per step read 4 KiB of consecutive memory),
-// on 2 MiB pages; T and K zero-padded to 32s. Tasks and blocking: amx_blocks. Without AMX (or NNOPT_AMX=0) the
+// TDPBF16PS tiles that accumulate in float32 (into h itself, chunk after chunk): oneDNN's bf16 GEMM would round
+// each batch's product to bf16 (no float32 output on CPU in torch), which made the old hessian_dtype=bfloat16 path
+// lossy. The batch runs in token chunks; per chunk, operands (one pass over x, pack_split): A tiles of hiᵀ/loᵀ (a
+// tile row = one feature over 32 tokens) and B tiles of hi/lo in the VNNI layout (a tile row = 16 features × a
+// token pair), 1 KiB each, the two tiles of a 32-wide block and 32-token step adjacent, on huge pages;
+// T and K zero-padded to 32s. Tasks and blocking: amx_blocks. Without AMX (or NNOPT_AMX=0) the
 // same products run as float32 GEMMs (exact products, float32 accumulation; slower than plain float32, so the
 // Python side picks terms 3 by default only where amx_bf16_usable() is true).
 
@@ -179,6 +182,12 @@ __attribute__((target("avx512f"))) inline void transpose16x16(const uint32_t* sr
   }
 }
 
+// dst (1 KiB, 64-byte aligned) = src, with non-temporal stores.
+__attribute__((target("avx512f"))) inline void stream_tile(const uint32_t* src, uint16_t* dst) {
+  for (int q = 0; q < 16; ++q)
+    _mm512_stream_si512(reinterpret_cast<__m512i*>(dst) + q, _mm512_load_si512(src + 16 * q));
+}
+
 // One pass over x: hi = bf16(x) and lo = bf16(x - hi) (round to nearest even, as torch's .to(bfloat16)) straight
 // into the tile layouts, with Σ_t lo² per feature (the diagonal loᵀlo). Tile (f, s) covers features 16f.. and
 // tokens 32s..; out-of-range tokens/features are zeros. The B tile row p interleaves tokens 2p and 2p+1; read as
@@ -207,8 +216,10 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
         const __mmask16 cm = cols >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << std::max<int64_t>(cols, 0)) - 1);
         __m512& sq = sqs[f - fa];
         const int64_t off = ((f / 2) * tc + st) * 1024 + (f % 2) * 512;
-        uint32_t* bh = reinterpret_cast<uint32_t*>(hb + off);
-        uint32_t* bl = lb ? reinterpret_cast<uint32_t*>(lb + off) : nullptr;
+        // Built in L1, then streamed out (non-temporal: 4 tiles of 1 KiB per block and step are written once and
+        // read back only by amx_blocks, long after they have left the caches).
+        alignas(64) uint32_t bh[256], bl_buf[256], tr[256];
+        uint32_t* bl = lb ? bl_buf : nullptr;
         for (int64_t p = 0; p < 16; ++p) {
           const int64_t r0 = 32 * st + 2 * p, r1 = r0 + 1;
           const __m512 x0 = r0 < t && cols > 0 ? _mm512_maskz_loadu_ps(cm, x + r0 * ld + c0) : _mm512_setzero_ps();
@@ -225,8 +236,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
             sq = _mm512_add_ps(sq, _mm512_add_ps(_mm512_mul_ps(g0, g0), _mm512_mul_ps(g1, g1)));
           }
         }
-        transpose16x16(bh, reinterpret_cast<uint32_t*>(ha + off));
-        if (bl) transpose16x16(bl, reinterpret_cast<uint32_t*>(la + off));
+        stream_tile(bh, hb + off);
+        transpose16x16(bh, tr);
+        stream_tile(tr, ha + off);
+        if (bl) {
+          stream_tile(bl, lb + off);
+          transpose16x16(bl, tr);
+          stream_tile(tr, la + off);
+        }
       }
     }
     for (int64_t f = fa; f < fb && lo_sq; ++f) {
@@ -234,69 +251,91 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
       if (cols > 0) _mm512_mask_storeu_ps(lo_sq + c0, __mmask16((1u << std::min<int64_t>(cols, 16)) - 1), sqs[f - fa]);
     }
     }
+    _mm_sfence();  // this thread's streamed tiles are globally visible before amx_blocks reads them
   });
 }
 
-// Task (i-group, j): up to 4 blocks (i, j) of 32×32, i in the group, i <= j. The token loop runs in chunks of
-// CHUNK 32-token steps: within a chunk the j block's B tiles (hi and lo: 16 KiB) stay in L1 for the group's 4
-// blocks while their A tiles come from L2; each block's four accumulator tiles go to and from an L1 buffer
-// between chunks (8 KiB per 3 × 4 × CHUNK tile products).
-__attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k, const at::BFloat16* const* a_ops,
-                                                            const at::BFloat16* const* b_ops, int64_t pairs,
-                                                            int64_t tc,
+// Task (i-group, j): up to 4 blocks (i, j) of 32×32, i in the group, i <= j. Each block keeps its 2×2 float32
+// accumulator tiles for the whole packed chunk, loaded from and stored back to h directly where the block lies
+// strictly above the diagonal (a diagonal or edge block goes through an L1 buffer, and only its upper triangle is
+// added). Consecutive tasks of a thread share the group's A strips (in L2: the caller sizes the chunk for that), and
+// the j strip is reused by the group's blocks. Split: per step hiᵀlo, hiᵀhi, loᵀhi in that order, so each of the 8
+// operand tiles is loaded once for 12 tile products (three passes, one per pair, load 12: measured 25% slower).
+__attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k, const at::BFloat16* ha,
+                                                            const at::BFloat16* hb, const at::BFloat16* la,
+                                                            const at::BFloat16* lb, int64_t tc,
                                                             const std::vector<std::array<int32_t, 3>>& tasks) {
-  constexpr int64_t CHUNK = 4;
+  const bool split = la != nullptr;
   at::parallel_for(0, static_cast<int64_t>(tasks.size()), 1, [&](int64_t b0, int64_t b1) {
-    TileConfig cfg;
-    for (int t = 0; t < 8; ++t) {
-      cfg.rows[t] = 16;
-      cfg.colsb[t] = 64;
-    }
-    _tile_loadconfig(&cfg);
-    alignas(64) float acc[4][32][32];
-    for (int64_t task = b0; task < b1; ++task) {
-      const int64_t ig = tasks[task][0], ni = tasks[task][1], j0 = 32 * int64_t(tasks[task][2]);
-      std::memset(acc, 0, sizeof(acc));
-      for (int64_t c0 = 0; c0 < tc; c0 += CHUNK) {
-        const int64_t c1 = std::min(c0 + CHUNK, tc);
+      TileConfig cfg;
+      for (int t = 0; t < 8; ++t) {
+        cfg.rows[t] = 16;
+        cfg.colsb[t] = 64;
+      }
+      _tile_loadconfig(&cfg);
+      alignas(64) float buf[32][32];
+      for (int64_t task = b0; task < b1; ++task) {
+        const int64_t ig = tasks[task][0], ni = tasks[task][1], j0 = 32 * int64_t(tasks[task][2]);
         for (int64_t ii = 0; ii < ni; ++ii) {
           const int64_t i0 = 32 * (ig + ii);
-          float* a = &acc[ii][0][0];
-          _tile_loadd(0, a, 128);
-          _tile_loadd(1, a + 16, 128);
-          _tile_loadd(2, a + 512, 128);
-          _tile_loadd(3, a + 528, 128);
-          for (int64_t p = 0; p < pairs; ++p) {
-            const at::BFloat16 *a0 = a_ops[p] + (i0 / 32) * tc * 1024, *a1 = a0 + 512;
-            const at::BFloat16 *b0 = b_ops[p] + (j0 / 32) * tc * 1024, *b1 = b0 + 512;
-            for (int64_t s = c0 * 1024; s < c1 * 1024; s += 1024) {
-              _tile_loadd(4, a0 + s, 64);
-              _tile_loadd(5, a1 + s, 64);
-              _tile_loadd(6, b0 + s, 64);
-              _tile_loadd(7, b1 + s, 64);
+          const bool direct = j0 + 32 <= k && i0 + 32 <= j0;
+          float* acc = direct ? h + i0 * k + j0 : &buf[0][0];
+          const int64_t ld = direct ? k : 32;  // floats
+          if (direct) {
+            _tile_loadd(0, acc, ld * 4);
+            _tile_loadd(1, acc + 16, ld * 4);
+            _tile_loadd(2, acc + 16 * ld, ld * 4);
+            _tile_loadd(3, acc + 16 * ld + 16, ld * 4);
+          } else {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+          }
+          const at::BFloat16 *a = ha + (i0 / 32) * tc * 1024, *b = hb + (j0 / 32) * tc * 1024;
+          const at::BFloat16 *al = split ? la + (i0 / 32) * tc * 1024 : nullptr;
+          const at::BFloat16 *bl = split ? lb + (j0 / 32) * tc * 1024 : nullptr;
+          for (int64_t s = 0; s < tc * 1024; s += 1024) {
+            _tile_loadd(4, a + s, 64);
+            _tile_loadd(5, a + s + 512, 64);
+            if (split) {
+              _tile_loadd(6, bl + s, 64);
+              _tile_loadd(7, bl + s + 512, 64);
+              _tile_dpbf16ps(0, 4, 6);
+              _tile_dpbf16ps(1, 4, 7);
+              _tile_dpbf16ps(2, 5, 6);
+              _tile_dpbf16ps(3, 5, 7);
+            }
+            _tile_loadd(6, b + s, 64);
+            _tile_loadd(7, b + s + 512, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+            if (split) {
+              _tile_loadd(4, al + s, 64);
+              _tile_loadd(5, al + s + 512, 64);
               _tile_dpbf16ps(0, 4, 6);
               _tile_dpbf16ps(1, 4, 7);
               _tile_dpbf16ps(2, 5, 6);
               _tile_dpbf16ps(3, 5, 7);
             }
           }
-          _tile_stored(0, a, 128);
-          _tile_stored(1, a + 16, 128);
-          _tile_stored(2, a + 512, 128);
-          _tile_stored(3, a + 528, 128);
+          _tile_stored(0, acc, ld * 4);
+          _tile_stored(1, acc + 16, ld * 4);
+          _tile_stored(2, acc + 16 * ld, ld * 4);
+          _tile_stored(3, acc + 16 * ld + 16, ld * 4);
+          if (!direct) {
+            const int64_t i_end = std::min<int64_t>(i0 + 32, k), j_end = std::min<int64_t>(j0 + 32, k);
+            for (int64_t i = i0; i < i_end; ++i) {
+              float* hr = h + i * k;
+              for (int64_t j = std::max(j0, i); j < j_end; ++j) hr[j] += buf[i - i0][j - j0];
+            }
+          }
         }
       }
-      const int64_t j_end = std::min<int64_t>(j0 + 32, k);
-      for (int64_t ii = 0; ii < ni; ++ii) {
-        const int64_t i0 = 32 * (ig + ii), i_end = std::min<int64_t>(i0 + 32, k);
-        for (int64_t i = i0; i < i_end; ++i) {
-          float* hr = h + i * k;
-          for (int64_t j = std::max(j0, i); j < j_end; ++j) hr[j] += acc[ii][i - i0][j - j0];
-        }
-      }
-    }
-    _tile_release();
-  });
+      _tile_release();
+    });
 }
 #endif
 
@@ -322,34 +361,36 @@ void hessian_accumulate_cpu(Tensor& h, const Tensor& x, int64_t terms) {
   if (t == 0 || k == 0) return;
 #ifdef NNOPT_AMX
   if (amx_bf16_usable()) {
-    const int64_t kp = (k + 31) / 32 * 32, tp = (t + 31) / 32 * 32, tc = tp / 32, kb16 = kp / 16;
-    const Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
-    auto opts = x.options().dtype(at::kBFloat16);
-    // Tiles [Kp/16, Tp/32, 512 bf16]: every tile load reads 16 consecutive cache lines.
-    const Tensor ha = at::empty({kb16, tc, 512}, opts), hb = at::empty({kb16, tc, 512}, opts);
     const bool split = terms == 3;
-    const Tensor la = split ? at::empty({kb16, tc, 512}, opts) : Tensor();
-    const Tensor lb = split ? at::empty({kb16, tc, 512}, opts) : Tensor();
+    // Tokens in chunks of `steps` 32-token steps, each packed then multiplied: the group's A strips of a chunk
+    // (4 blocks × steps × 2 KiB per operand) stay in L2 at 512 KiB, and the packed operands take K × 8 KiB.
+    const int64_t steps = split ? 32 : 64;
+    const int64_t kp = (k + 31) / 32 * 32, kb16 = kp / 16, strip = kb16 * steps * 512;  // bf16 per operand
+    const int64_t need = (split ? 4 : 2) * strip;
+    // On huge pages: 4 KiB page faults on fresh operand memory cost ~30% of a 2048×4096 batch here.
+    const auto opts = x.options().dtype(at::kBFloat16);
+    std::optional<Tensor> fresh = fresh_mapping(need, opts);
+    const Tensor ws = fresh ? *fresh : at::empty({need}, opts);
+    uint16_t* base = reinterpret_cast<uint16_t*>(ws.data_ptr());
+    uint16_t *ha = base, *hb = base + strip, *la = split ? base + 2 * strip : nullptr;
+    uint16_t* lb = split ? base + 3 * strip : nullptr;
+    const Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
     const Tensor lo_sq = split ? at::empty({k}, x.options()) : Tensor();
-    auto u16 = [](const Tensor& v) { return v.defined() ? reinterpret_cast<uint16_t*>(v.data_ptr()) : nullptr; };
-    pack_split(xc.const_data_ptr<float>(), xc.stride(0), t, k, tc, kb16, u16(ha), u16(hb), u16(la), u16(lb),
-               split ? lo_sq.data_ptr<float>() : nullptr);
-    std::vector<const at::BFloat16*> as{ha.const_data_ptr<at::BFloat16>()}, bs{hb.const_data_ptr<at::BFloat16>()};
-    if (split) {
-      as.push_back(ha.const_data_ptr<at::BFloat16>());
-      bs.push_back(lb.const_data_ptr<at::BFloat16>());
-      as.push_back(la.const_data_ptr<at::BFloat16>());
-      bs.push_back(hb.const_data_ptr<at::BFloat16>());
-    }
     // Tasks (first block row of a group of 4, blocks in the group with i <= j, j), group-major: consecutive tasks
-    // of a thread share the group's A strips (L2).
+    // of a thread share the group's A strips.
     std::vector<std::array<int32_t, 3>> tasks;
     const int64_t nb = kp / 32;
     for (int64_t g = 0; g < nb; g += 4)
       for (int64_t j = g; j < nb; ++j)
         tasks.push_back({int32_t(g), int32_t(std::min<int64_t>({4, nb - g, j - g + 1})), int32_t(j)});
-    amx_blocks(h.data_ptr<float>(), k, as.data(), bs.data(), static_cast<int64_t>(as.size()), tc, tasks);
-    if (split) h.diagonal().add_(lo_sq);
+    auto bf = [](const uint16_t* v) { return reinterpret_cast<const at::BFloat16*>(v); };
+    for (int64_t r0 = 0; r0 < t; r0 += 32 * steps) {
+      const int64_t rows = std::min(32 * steps, t - r0), tc = (rows + 31) / 32;
+      pack_split(xc.const_data_ptr<float>() + r0 * xc.stride(0), xc.stride(0), rows, k, tc, kb16, ha, hb, la, lb,
+                 split ? lo_sq.data_ptr<float>() : nullptr);
+      amx_blocks(h.data_ptr<float>(), k, bf(ha), bf(hb), bf(la), bf(lb), tc, tasks);
+      if (split) h.diagonal().add_(lo_sq);
+    }
     return;
   }
 #endif

@@ -21,7 +21,7 @@ Mask choice per pattern (the paper's "adaptive mask selection"):
 Ties go by a stable ascending sort: the lower (row-major) index is pruned first. Entries an earlier mask pruned
 score -1 and are always pruned.
 
-The computation runs in float32 (float64 when the weight is float64); Cholesky and its inverse are torch.linalg's.
+The computation runs in float32 (float64 when the weight is float64); the Cholesky factor is torch.linalg's.
 The Hessian is most of the time on CPU. By default (``hessian_dtype=None``), on CPUs with AMX-BF16 (Sapphire Rapids
 and later) it runs split: x = hi + lo with hi = bf16(x), lo = bf16(x - hi), H = hiᵀhi + hiᵀlo + loᵀhi +
 diag(loᵀlo) on AMX tiles accumulating in float32 (nnopt.prune.oneshot.Stats): relative Frobenius error ~1e-6
@@ -45,6 +45,11 @@ def inverse_hessian_factor(hessian, percdamp=0.01, name="weight"):
 
     ``hessian`` [K, K] (float32 or float64) is overwritten: U is computed in its storage (no K×K copy).
     RuntimeError naming the layer when the damped Hessian is not positive definite.
+
+    One Cholesky and one triangular inverse: with P the order reversal and P H P = L Lᵀ,
+    H⁻¹ = (P L⁻¹ P)ᵀ (P L⁻¹ P), and P L⁻¹ P is upper triangular with a positive diagonal, so it is U. The
+    paper's code (Cholesky, cholesky_inverse, Cholesky of the inverse) does twice the flops: 0.55 s against
+    0.90 s at K=4096 on 2 cores here.
     """
     h = hessian
     diag = h.diagonal()
@@ -52,18 +57,43 @@ def inverse_hessian_factor(hessian, percdamp=0.01, name="weight"):
     diag.masked_fill_(dead, 1.0)
     diag.add_(percdamp * diag.mean())
     info = torch.zeros((), dtype=torch.int32, device=h.device)
-    # In place (out= the input): the K×K factor and inverse reuse the Hessian's storage.
+    _reverse_(h)
+    # In place (out= the input): the factor and its inverse reuse the Hessian's storage.
     torch.linalg.cholesky_ex(h, out=(h, info))
     if info.item():
         raise RuntimeError(f"sparsegpt: the damped Hessian of layer {name!r} is not positive definite "
                            f"(percdamp={percdamp}); raise percdamp")
-    torch.cholesky_inverse(h, out=h)
-    torch.linalg.cholesky_ex(h, upper=True, out=(h, info))
-    if info.item():
-        raise RuntimeError(f"sparsegpt: the inverse Hessian of layer {name!r} is not positive definite "
-                           f"(percdamp={percdamp}); raise percdamp")
+    _lower_inverse_(h)
+    _reverse_(h)
     upper = h
     return upper, dead
+
+
+def _reverse_(h, rows=256):
+    """h[i, j] = h[K-1-i, K-1-j] in place, ``rows`` rows at a time (no K×K temporary)."""
+    k = h.shape[0]
+    for a in range(0, k // 2, rows):
+        b = min(a + rows, k // 2)
+        top = h[a:b].flip(0, 1)
+        h[a:b] = h[k - b:k - a].flip(0, 1)
+        h[k - b:k - a] = top
+    if k % 2:
+        h[k // 2].copy_(h[k // 2].flip(0))
+
+
+def _lower_inverse_(l, leaf=256):
+    """l = l⁻¹ in place for a lower-triangular l [n, n] (zeros above the diagonal, as cholesky leaves them):
+    [[A, 0], [B, C]]⁻¹ = [[A⁻¹, 0], [-C⁻¹ B A⁻¹, C⁻¹]], the halves recursively, the products as GEMMs
+    (one (n/2)² temporary)."""
+    n = l.shape[0]
+    if n <= leaf:
+        l.copy_(torch.linalg.solve_triangular(l, torch.eye(n, dtype=l.dtype, device=l.device), upper=False))
+        return
+    m = n // 2
+    _lower_inverse_(l[:m, :m], leaf)
+    _lower_inverse_(l[m:, m:], leaf)
+    b = l[m:, :m]
+    b.copy_(torch.mm(l[m:, m:], torch.mm(b, l[:m, :m])).neg_())
 
 
 def _block_width(pattern, blocksize):

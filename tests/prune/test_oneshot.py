@@ -337,6 +337,23 @@ def test_failure_midway_restores(monkeypatch):
     assert pruned == ["model.layers.0.self_attn.q_proj"]
 
 
+@pytest.mark.parametrize("k", [1, 5, 256, 257, 600])
+def test_inverse_hessian_factor_equals_papers_three_steps(k):
+    """One Cholesky of the reversed H and a recursive triangular inverse give the paper's U = cholesky(H⁻¹, upper)
+    (float64, odd sizes across the 256-wide leaves; dead inputs set to 1 before damping); U upper triangular."""
+    x = correlated_inputs(2 * k + 5, k).double()
+    x[:, k // 2] = 0
+    h = x.T @ x
+    want = h.clone()
+    want.diagonal()[k // 2] = 1.0
+    want.diagonal().add_(0.01 * want.diagonal().mean())
+    want = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(want)), upper=True)
+    upper, dead = inverse_hessian_factor(h, 0.01)
+    assert upper.data_ptr() == h.data_ptr() and dead.nonzero().flatten().tolist() == [k // 2]
+    assert torch.equal(upper, upper.triu())
+    torch.testing.assert_close(upper, want, rtol=1e-9, atol=1e-12)
+
+
 def test_not_positive_definite_names_the_layer():
     h = -torch.eye(8)
     with pytest.raises(RuntimeError, match="layer 'blk.fc'.*percdamp"):

@@ -16,7 +16,9 @@ from nnopt.testing import assert_close
 from tests.conftest import skip_unless_available
 from tests.prune.test_oneshot import correlated_inputs
 
-SHAPES = [(1, 1), (70, 45), (64, 96), (333, 130), (2048 + 17, 33)]
+# (2500, 100): several token chunks of the AMX kernel with blocks strictly above the diagonal (accumulated in h
+# itself) and edge blocks.
+SHAPES = [(1, 1), (70, 45), (64, 96), (333, 130), (2048 + 17, 33), (2500, 100)]
 
 
 @pytest.mark.parametrize("tokens,k", SHAPES)
