@@ -243,7 +243,7 @@ class Stats:
     - "split": x = hi + lo, hi = bf16(x), lo = bf16(x - hi) (~16 mantissa bits), H += hiᵀhi + hiᵀlo + loᵀhi +
       diag(loᵀlo) on AMX tiles with float32 accumulation (csrc/cpu/oneshot.cpp, hessian_accumulate_); every bf16
       product is exact in float32, the dropped off-diagonal loᵀlo is ~2^-16 relative and zero-mean: float32-class
-      accuracy (bench/RESULTS.md, issue 14) at ~3 bf16 triangles' cost, ~1.8-2x faster than float32 here;
+      accuracy (bench/RESULTS.md, issue 14) at ~3 bf16 triangles' cost, ~2.5x faster than float32 here;
     - torch.float32: exact float32 products (the opt-out);
     - torch.bfloat16: x rounded to bf16 once (hiᵀhi): on AMX with float32 accumulation over each batch (~5x
       float32), elsewhere oneDNN's bf16 GEMMs whose per-batch product is rounded to bf16 before the float32 add.

@@ -25,7 +25,7 @@ The computation runs in float32 (float64 when the weight is float64); the Choles
 The Hessian is most of the time on CPU. By default (``hessian_dtype=None``), on CPUs with AMX-BF16 (Sapphire Rapids
 and later) it runs split: x = hi + lo with hi = bf16(x), lo = bf16(x - hi), H = hiᵀhi + hiᵀlo + loᵀhi +
 diag(loᵀlo) on AMX tiles accumulating in float32 (nnopt.prune.oneshot.Stats): relative Frobenius error ~1e-6
-against the float64 Hessian, the same masks as float32 accumulation (bench/RESULTS.md, issue 14), ~1.8-2x faster.
+against the float64 Hessian, the same masks as float32 accumulation (bench/RESULTS.md, issue 14), ~2.5x faster.
 Elsewhere the default is float32; ``hessian_dtype=torch.float32`` is the exact opt-out everywhere.
 ``hessian_dtype=torch.bfloat16`` rounds x to bf16 once (hiᵀhi only, ~5x float32 on AMX; relative error ~1e-4).
 """
@@ -219,7 +219,7 @@ def sparsegpt(model, calibration, sparsity=None, pattern="unstructured", blocksi
     ``nnopt.prune.oneshot.split_hessian_available()`` (a CPU with AMX-BF16 whose tile state the OS grants; checked
     once per process), else torch.float32. "split": x = hi + lo in two bf16 parts, hiᵀhi + hiᵀlo + loᵀhi +
     diag(loᵀlo) on AMX tiles with float32 accumulation: float32-class accuracy (relative error ~1e-6, same masks
-    as float32 accumulation), ~1.8-2x faster than float32 on a 2-core Sapphire Rapids. torch.float32: exact
+    as float32 accumulation), ~2.5x faster than float32 on a 2-core Sapphire Rapids. torch.float32: exact
     float32 products (the opt-out). torch.bfloat16: x rounded to bf16 once, ~5x float32 on AMX (float32
     accumulation; elsewhere oneDNN's per-batch bf16 product), relative error ~1e-4: small mask changes.
     """
