@@ -71,6 +71,23 @@ def test_packed_matches_reference(dtype, bf16_dot, block, monkeypatch):
         assert_close(y, expected(x, weight, mask, bias).to(dtype), reduction_length=k, msg=f"M={m}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_packed_at_batch_sized_m(dtype, threads):
+    """Batch-sized M (200 rows: 25 register blocks of rows over every block row, the inference path up to
+    dispatch.PACKED_ROWS) on one and two threads equals the reference."""
+    prev = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        n, k, m = 70, 1536, 200
+        mask = rows_mask(n, k, 32, 32, seed=3)
+        weight, x, bias = torch.randn(n, k).to(dtype), torch.randn(m, k).to(dtype), torch.randn(n).to(dtype)
+        y = pack_and_run(x, weight, mask, bias, 32, 32)
+        assert_close(y, expected(x, weight, mask, bias).to(dtype), reduction_length=k)
+    finally:
+        torch.set_num_threads(prev)
+
+
 def test_packed_in_another_dtype_matches_autocast():
     """Panels packed from float32 weights in bfloat16 / float16 (autocast's inference path)."""
     n, k = 64, 96
