@@ -207,16 +207,36 @@ void block_row(const typename Pol::X* xt, int64_t ldx, const typename Pol::P* pa
   }
   constexpr int unit = Pol::unit;
   const int64_t wstep = g.bnp * unit;  // panel elements per step of `unit` depths
+  using X = typename Pol::X;
+  // Lines of one row's bkp values of x; the next tile's MR rows are prefetched one line per step of depth.
+  const int64_t lpr = ceil_div(g.bkp * int64_t(sizeof(X)), int64_t(64)), xl = 64 / int64_t(sizeof(X));
   for (int64_t t = 0; t < ntiles; ++t) {
     const typename Pol::P* w = panels + t * g.panel + c0 * unit;
-    const typename Pol::X* x = xt + int64_t(cols[t]) * g.bkp;
-    if (t + 1 < ntiles) {
-      // The next panel is the next bytes of the buffer (the hardware prefetcher follows), but its x column is
-      // elsewhere: touch it now.
-      __builtin_prefetch(xt + int64_t(cols[t + 1]) * g.bkp);
-    }
+    const X* x = xt + int64_t(cols[t]) * g.bkp;
+    // The next panel is the next bytes of the buffer (the hardware prefetcher follows), but its x columns are
+    // elsewhere, MR rows ldx apart: touch them while this tile computes.
+    const X* xn = t + 1 < ntiles ? xt + int64_t(cols[t + 1]) * g.bkp : nullptr;
+    const int64_t lines = xn ? MR * lpr : 0;
+    int64_t line = 0, row = 0, col = 0;
     for (int64_t k = 0; k < g.bkp; k += unit * KU, w += wstep * KU, x += unit * KU) {
+      if (line < lines) {
+        __builtin_prefetch(xn + row * ldx + col);
+        ++line;
+        col += xl;
+        if (col >= lpr * xl) {
+          col = 0;
+          ++row;
+        }
+      }
       for (int u = 0; u < KU; ++u) Pol::template step<MR, NV>(acc[u], w + u * wstep, x + u * unit, ldx);
+    }
+    for (; line < lines; ++line) {
+      __builtin_prefetch(xn + row * ldx + col);
+      col += xl;
+      if (col >= lpr * xl) {
+        col = 0;
+        ++row;
+      }
     }
   }
   for (int r = 0; r < MR; ++r) {
