@@ -194,6 +194,15 @@ struct BF16WidenPanel {
   }
 };
 
+// The panels a step of the loop will read kPanelAhead bytes later. They are one sequential stream, but the
+// hardware prefetcher restarts at every 4 KiB page: measured at B=8 (fp32, 4096², 90%), 0.47 -> 0.36 ms a call.
+constexpr int64_t kPanelAhead = 4096;
+template <typename P>
+inline void prefetch_panels(const P* w, int64_t bytes) {
+  const char* p = reinterpret_cast<const char*>(w) + kPanelAhead;
+  for (int64_t o = 0; o < bytes; o += 64) __builtin_prefetch(p + o);
+}
+
 // One block row, one chunk of its columns (c0: the chunk's first column inside the panel), MR rows of xt.
 // KU accumulator sets take alternate steps of depth, so a short FMA chain does not wait on its own latency.
 template <typename Pol, int MR, int NV, int KU>
@@ -208,6 +217,7 @@ void block_row(const typename Pol::X* xt, int64_t ldx, const typename Pol::P* pa
   constexpr int unit = Pol::unit;
   const int64_t wstep = g.bnp * unit;  // panel elements per step of `unit` depths
   using X = typename Pol::X;
+  const int64_t wbytes = wstep * KU * int64_t(sizeof(typename Pol::P));  // panel bytes per step of the loop
   // Lines of one row's bkp values of x; the next tile's MR rows are prefetched one line per step of depth.
   const int64_t lpr = ceil_div(g.bkp * int64_t(sizeof(X)), int64_t(64)), xl = 64 / int64_t(sizeof(X));
   for (int64_t t = 0; t < ntiles; ++t) {
@@ -228,6 +238,7 @@ void block_row(const typename Pol::X* xt, int64_t ldx, const typename Pol::P* pa
           ++row;
         }
       }
+      prefetch_panels(w, wbytes);
       for (int u = 0; u < KU; ++u) Pol::template step<MR, NV>(acc[u], w + u * wstep, x + u * unit, ldx);
     }
     for (; line < lines; ++line) {
@@ -273,6 +284,7 @@ NNOPT_BF16_TARGET void block_row_dot(const c10::BFloat16* xt, int64_t ldx, const
     const c10::BFloat16* x = xt + int64_t(cols[t]) * g.bkp;
     if (t + 1 < ntiles) __builtin_prefetch(xt + int64_t(cols[t + 1]) * g.bkp);
     for (int64_t k = 0; k < g.bkp; k += 2 * KU, w += wstep * KU, x += 2 * KU) {
+      prefetch_panels(w, wstep * KU * int64_t(sizeof(c10::BFloat16)));
       for (int u = 0; u < KU; ++u) {
         __m512bh b[NV];
         for (int v = 0; v < NV; ++v) b[v] = (__m512bh)_mm512_loadu_si512(w + u * wstep + v * 2 * kLanes);
