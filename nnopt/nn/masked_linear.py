@@ -26,6 +26,7 @@ class MaskedLayerMixin:
     says how its weight and mask read as [out_features, in_features] (``_weight_nk``, ``_mask_nk``)."""
 
     _nnopt_masks_own_grad = True  # nnopt.prune's contract: backward already zeroes dW at masked entries
+    _nnopt_links_in_forward = True  # the contract's mask link runs inside forward, not as a forward pre-hook
 
     def _init_masking(self, mask, block_size, backend):
         self.block_size = tuple(block_size)
@@ -67,6 +68,9 @@ class MaskedLayerMixin:
             # layout cache are host bookkeeping, not traceable); the products are registered ops with fakes.
             layout, impl = self._plan
             return functional.apply(x, self._weight_nk(), self._mask_nk(), self.bias, layout, impl)
+        link = self.__dict__.get("_nnopt_mask_link")  # the contract's link (nnopt/prune/_contract.py)
+        if link is not None:
+            link(self, (x,))
         # The module's dicts read directly: nn.Module.__getattr__ costs ~1 us a lookup, a visible share of a
         # decode-shaped call (~200 us).
         params = self._parameters
