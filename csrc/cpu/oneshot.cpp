@@ -255,6 +255,14 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void pack_split(const flo
   });
 }
 
+// Accumulator tiles 0-3 (a 2×2 block of 16×16 float32) += A tiles 4, 5 × B tiles 6, 7.
+__attribute__((target("amx-tile,amx-bf16"), always_inline)) inline void dp_2x2() {
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+}
+
 // Task (i-group, j): up to 4 blocks (i, j) of 32×32, i in the group, i <= j. Each block keeps its 2×2 float32
 // accumulator tiles for the whole packed chunk, loaded from and stored back to h directly where the block lies
 // strictly above the diagonal (a diagonal or edge block goes through an L1 buffer, and only its upper triangle is
@@ -301,24 +309,15 @@ __attribute__((target("amx-tile,amx-bf16"))) void amx_blocks(float* h, int64_t k
             if (split) {
               _tile_loadd(6, bl + s, 64);
               _tile_loadd(7, bl + s + 512, 64);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+              dp_2x2();
             }
             _tile_loadd(6, b + s, 64);
             _tile_loadd(7, b + s + 512, 64);
-            _tile_dpbf16ps(0, 4, 6);
-            _tile_dpbf16ps(1, 4, 7);
-            _tile_dpbf16ps(2, 5, 6);
-            _tile_dpbf16ps(3, 5, 7);
+            dp_2x2();
             if (split) {
               _tile_loadd(4, al + s, 64);
               _tile_loadd(5, al + s + 512, 64);
-              _tile_dpbf16ps(0, 4, 6);
-              _tile_dpbf16ps(1, 4, 7);
-              _tile_dpbf16ps(2, 5, 6);
-              _tile_dpbf16ps(3, 5, 7);
+              dp_2x2();
             }
           }
           _tile_stored(0, acc, ld * 4);
