@@ -367,3 +367,26 @@ def test_layer_dense_path_matches_reference():
     assert_close(layer.weight.grad, w64.grad.float(), reduction_length=14)
     assert_close(layer.bias.grad, b64.grad.float(), reduction_length=14)
     assert (layer.weight.grad[~layer.weight_mask] == 0).all()
+
+
+def test_copies_relink_their_mask_in_forward():
+    """MaskedLinear keeps the prune contract's link as an attribute its forward calls (no forward pre-hook): a
+    deepcopy and a pickle round trip link their own weight to their own mask on the first forward, the contract's
+    functions find the link, and remove_mask still makes the pruning permanent."""
+    import io
+
+    from nnopt import sparsity
+    from nnopt.prune import _contract
+
+    layer = nnn.MaskedLinear.from_linear(torch.nn.Linear(64, 32), block_mask(32, 64, 32, 0.5))
+    assert not layer._forward_pre_hooks and _contract.pruned_names(layer) == ["weight"]
+    buf = io.BytesIO()
+    torch.save(layer, buf)
+    buf.seek(0)
+    for twin in (copy.deepcopy(layer), torch.load(buf, weights_only=False)):
+        x = torch.randn(3, 64)
+        assert_close(twin(x), layer(x), reduction_length=64)
+        assert sparsity.get_mask(twin.weight) is twin.weight_mask
+        assert _contract.pruned_names(twin) == ["weight"]
+    _contract.remove_mask(layer, "weight")
+    assert _contract.pruned_names(layer) == [] and sparsity.get_mask(layer.weight) is None
