@@ -167,40 +167,118 @@ __attribute__((target("prefer-vector-width=512"))) void math_loop(
   }
 }
 
-template <typename Op, bool P, bool M, int W, bool A>
-MathFn<Op> select_b(bool b) {
-  if constexpr (Op::kUsesB) {
-    if (b) return &math_loop<Op, StaticFlags<M, W, A, true>, P>;
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
+#define NNOPT_ADAM_FAST 1
+// Adam's element loop for quantized (8/4/16-bit) states: adam_update's operations in the same order (the new
+// exp_avg and exp_avg_sq are bit for bit the exact ones, so their codes are the reference's), except the final
+// quotient: sqrt(v) * (1 / bias_correction2_sqrt) + eps, then times a reciprocal estimate refined by one Newton
+// step, instead of two correctly rounded divisions. The update then differs from the exact one by a few ulp (its
+// relative error is below 1e-6; the states' quantization error is ~1e-2), and the divider, which bounded the
+// exact loop (0.58 against 0.23 ns per element on one Sapphire Rapids-class core), does only the sqrt. Lanes whose
+// denominator is zero, subnormal, inf or NaN take the exact division (never, in practice).
+template <typename F, bool Plain>
+__attribute__((target("prefer-vector-width=512"))) void adam_loop_fast(
+    int64_t n, float* __restrict p, const float* __restrict g, float* __restrict s0, float* __restrict s1,
+    float* __restrict s2, const uint8_t* __restrict mask, const AdamScalars<float>& h) {
+  const bool small = h.w1 < 0.5f && h.w1 > -0.5f;  // lerp's two forms (see optim_math.h)
+  const __m512 w = _mm512_set1_ps(small ? h.w1 : h.w1 - 1.0f), decay = _mm512_set1_ps(h.decay),
+               wd = _mm512_set1_ps(h.weight_decay), beta2 = _mm512_set1_ps(h.beta2),
+               omb2 = _mm512_set1_ps(h.one_minus_beta2), inv_bc2 = _mm512_set1_ps(1.0f / h.bc2_sqrt),
+               eps = _mm512_set1_ps(h.eps), neg_step = _mm512_set1_ps(h.neg_step), one = _mm512_set1_ps(1.0f),
+               scale = _mm512_set1_ps(h.grad_scale), neg = _mm512_set1_ps(h.neg),
+               thr = _mm512_set1_ps(h.l1_thr), nthr = _mm512_set1_ps(-h.l1_thr),
+               lo_ok = _mm512_set1_ps(std::numeric_limits<float>::min()),
+               hi_ok = _mm512_set1_ps(std::numeric_limits<float>::max());
+  auto body = [&](int64_t i, __mmask16 lanes) {
+    __m512 pi = _mm512_maskz_loadu_ps(lanes, p + i), gi = _mm512_maskz_loadu_ps(lanes, g + i);
+    __m512 m = _mm512_maskz_loadu_ps(lanes, s0 + i), v = _mm512_maskz_loadu_ps(lanes, s1 + i), vmax;
+    if constexpr (F::a) vmax = _mm512_maskz_loadu_ps(lanes, s2 + i);
+    __mmask16 keep = lanes;
+    if constexpr (F::masked) {
+      keep = _mm_test_epi8_mask(_mm_maskz_loadu_epi8(lanes, mask + i), _mm_set1_epi8(-1));
+    }
+    if constexpr (!Plain) gi = _mm512_mul_ps(_mm512_div_ps(gi, scale), neg);
+    if constexpr (F::masked) gi = _mm512_maskz_mov_ps(keep, gi);
+    if constexpr (F::wd == 2) pi = _mm512_mul_ps(pi, decay);
+    if constexpr (F::wd == 1) gi = _mm512_fmadd_ps(wd, pi, gi);
+    m = _mm512_fmadd_ps(w, _mm512_sub_ps(gi, m), small ? m : gi);
+    v = _mm512_fmadd_ps(_mm512_mul_ps(omb2, gi), gi, _mm512_mul_ps(v, beta2));
+    __m512 vd = v;
+    if constexpr (F::a) {  // torch.maximum(vmax, v): vmax where vmax > v or vmax is NaN
+      const __mmask16 take = _mm512_cmp_ps_mask(vmax, v, _CMP_GT_OQ) | _mm512_cmp_ps_mask(vmax, vmax, _CMP_UNORD_Q);
+      vd = _mm512_mask_mov_ps(v, take, vmax);
+      vmax = vd;
+    }
+    const __m512 d = _mm512_fmadd_ps(_mm512_sqrt_ps(vd), inv_bc2, eps);
+    const __m512 num = _mm512_mul_ps(neg_step, m);
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    __m512 q = _mm512_mul_ps(num, _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, one), r0));
+    const __mmask16 odd = _mm512_cmp_ps_mask(d, lo_ok, _CMP_NGE_UQ) | _mm512_cmp_ps_mask(d, hi_ok, _CMP_NLE_UQ);
+    if (odd) [[unlikely]] q = _mm512_mask_div_ps(q, odd, num, d);
+    pi = _mm512_add_ps(pi, q);
+    if constexpr (F::l1 && !Plain) pi = _mm512_sub_ps(pi, _mm512_min_ps(thr, _mm512_max_ps(nthr, pi)));
+    if constexpr (F::masked) {
+      pi = _mm512_maskz_mov_ps(keep, pi), m = _mm512_maskz_mov_ps(keep, m), v = _mm512_maskz_mov_ps(keep, v);
+      if constexpr (F::a) vmax = _mm512_maskz_mov_ps(keep, vmax);
+    }
+    _mm512_mask_storeu_ps(p + i, lanes, pi);
+    _mm512_mask_storeu_ps(s0 + i, lanes, m);
+    _mm512_mask_storeu_ps(s1 + i, lanes, v);
+    if constexpr (F::a) _mm512_mask_storeu_ps(s2 + i, lanes, vmax);
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) body(i, 0xffff);
+  if (i < n) body(i, __mmask16((1u << (n - i)) - 1));
+}
+#endif
+
+// The element loop for one flag combination; fast: Adam with quantized states (adam_loop_fast).
+template <typename Op, bool P, bool M, int W, bool A, bool B>
+MathFn<Op> leaf(bool fast) {
+  using F = StaticFlags<M, W, A, B>;
+#if defined(NNOPT_ADAM_FAST)
+  if constexpr (std::is_same_v<Op, AdamOp>) {
+    if (fast) return &adam_loop_fast<F, P>;
   }
-  return &math_loop<Op, StaticFlags<M, W, A, false>, P>;
+#endif
+  (void)fast;
+  return &math_loop<Op, F, P>;
+}
+
+template <typename Op, bool P, bool M, int W, bool A>
+MathFn<Op> select_b(bool b, bool fast) {
+  if constexpr (Op::kUsesB) {
+    if (b) return leaf<Op, P, M, W, A, true>(fast);
+  }
+  return leaf<Op, P, M, W, A, false>(fast);
 }
 
 template <typename Op, bool P, bool M, int W>
-MathFn<Op> select_a(bool a, bool b) {
+MathFn<Op> select_a(bool a, bool b, bool fast) {
   if constexpr (Op::kUsesA) {
-    if (a) return select_b<Op, P, M, W, true>(b);
+    if (a) return select_b<Op, P, M, W, true>(b, fast);
   }
-  return select_b<Op, P, M, W, false>(b);
+  return select_b<Op, P, M, W, false>(b, fast);
 }
 
 template <typename Op, bool P, bool M>
-MathFn<Op> select_wd(int wd, bool a, bool b) {
+MathFn<Op> select_wd(int wd, bool a, bool b, bool fast) {
   if constexpr (Op::kMaxWd >= 2) {
-    if (wd == 2) return select_a<Op, P, M, 2>(a, b);
+    if (wd == 2) return select_a<Op, P, M, 2>(a, b, fast);
   }
-  if (wd == 1) return select_a<Op, P, M, 1>(a, b);
-  return select_a<Op, P, M, 0>(a, b);
+  if (wd == 1) return select_a<Op, P, M, 1>(a, b, fast);
+  return select_a<Op, P, M, 0>(a, b, fast);
 }
 
 template <typename Op, bool P>
-MathFn<Op> select_plain(bool masked, int wd, bool a, bool b) {
-  return masked ? select_wd<Op, P, true>(wd, a, b) : select_wd<Op, P, false>(wd, a, b);
+MathFn<Op> select_plain(bool masked, int wd, bool a, bool b, bool fast) {
+  return masked ? select_wd<Op, P, true>(wd, a, b, fast) : select_wd<Op, P, false>(wd, a, b, fast);
 }
 
-// plain: grad scale 1, l1 0 and no maximize (see math_loop).
+// plain: grad scale 1, l1 0 and no maximize (see math_loop). fast: the state width is quantized (8, 4 or 16 bits).
 template <typename Op>
-MathFn<Op> select_math(bool plain, bool masked, int wd, bool a, bool b) {
-  return plain ? select_plain<Op, true>(masked, wd, a, b) : select_plain<Op, false>(masked, wd, a, b);
+MathFn<Op> select_math(bool plain, bool masked, int wd, bool a, bool b, bool fast) {
+  return plain ? select_plain<Op, true>(masked, wd, a, b, fast) : select_plain<Op, false>(masked, wd, a, b, fast);
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -825,7 +903,8 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
       set_step(a, step->item<double>());
     }
     Context<AdamOp> ctx{make_adam<float>(lr, a), nullptr, fm, ams, false, seed >= 0};
-    ctx.fn = select_math<AdamOp>(plain(scale, h[5], f[2]), masked, h[4] != 0 ? (f[0] ? 2 : 1) : 0, ams, false);
+    ctx.fn = select_math<AdamOp>(plain(scale, h[5], f[2]), masked, h[4] != 0 ? (f[0] ? 2 : 1) : 0, ams, false,
+                                     bits < 32);
     run_all(ctx, ts);
   } else if (op == "sgd_step") {
     // hyper: lr momentum dampening weight_decay l1; flags: nesterov maximize first_step
@@ -837,7 +916,8 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
     keys(ts);
     const SgdArgs a{lr, h[1], h[2], h[3], h[4], scale, f[0], f[1], f[2]};
     Context<SgdOp> ctx{make_sgd<float>(lr, a), nullptr, fm, mom, false, seed >= 0};
-    ctx.fn = select_math<SgdOp>(plain(scale, h[4], f[1]), masked, h[3] != 0 ? 1 : 0, mom, false);
+    ctx.fn = select_math<SgdOp>(plain(scale, h[4], f[1]), masked, h[3] != 0 ? 1 : 0, mom, false,
+                                     bits < 32);
     run_all(ctx, ts);
   } else if (op == "adagrad_step") {
     // hyper: lr weight_decay eps l1 lr_decay_denom lr_decay; flags: maximize
@@ -852,7 +932,8 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
       set_step(a, step->item<double>());
     }
     Context<AdagradOp> ctx{make_adagrad<float>(lr, a), nullptr, fm, false, false, seed >= 0};
-    ctx.fn = select_math<AdagradOp>(plain(scale, h[3], f[0]), masked, h[1] != 0 ? 1 : 0, false, false);
+    ctx.fn = select_math<AdagradOp>(plain(scale, h[3], f[0]), masked, h[1] != 0 ? 1 : 0, false, false,
+                                     bits < 32);
     run_all(ctx, ts);
   } else if (op == "rmsprop_step") {
     // hyper: lr alpha eps weight_decay momentum l1; flags: centered maximize
@@ -864,7 +945,8 @@ void quant_step_cpu(c10::string_view op_view, TensorList params, TensorList grad
     keys(ts);
     const RmspropArgs a{lr, h[1], h[2], h[3], h[4], h[5], scale, f[1]};
     Context<RmspropOp> ctx{make_rmsprop<float>(lr, a), nullptr, fm, mom, centered, seed >= 0};
-    ctx.fn = select_math<RmspropOp>(plain(scale, h[5], f[1]), masked, h[3] != 0 ? 1 : 0, mom, centered);
+    ctx.fn = select_math<RmspropOp>(plain(scale, h[5], f[1]), masked, h[3] != 0 ? 1 : 0, mom, centered,
+                                     bits < 32);
     run_all(ctx, ts);
   } else {
     TORCH_CHECK(false, "nnopt::", kOp, ": unknown op '", op, "' (sgd_step, adam_step, adagrad_step, rmsprop_step)");

@@ -143,6 +143,39 @@ def test_grad_scale_found_inf_lr_tensor_step(backend):
     assert all(torch.equal(a, b) for la, lb in zip(states + scales, before[1] + before[2]) for a, b in zip(la, lb))
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("bits", [8, 4, 16])
+@pytest.mark.parametrize("eps", [0.0, 1e-39])
+def test_adam_quotient_edges(backend, bits, eps):
+    """Adam with quantized states (the CPU computes its last quotient with a refined reciprocal estimate): within
+    float32 tolerance of the reference with l1, maximize and a grad scale (the non-plain loop), and the reference's
+    huge or inf updates where its denominator is 0 or subnormal (eps 0 or subnormal, zero gradient and exp_avg_sq, exp_avg not
+    zero: the lanes that must take the exact division, since the estimate overflows there)."""
+    skip_unless_available(backend, "cpu", FAMILY)
+    n, block = 1000 + 5, R.DEFAULT_BLOCK.get(bits, 256)
+    hyper = dict(OPS["adam_step"], eps=eps, l1=1e-3, maximize=True, amsgrad=False, grad_scale=torch.tensor(2.0))
+    p, g = torch.randn(n), torch.randn(n)
+    g[::7] = 0
+    states, scales = make_states("adam_step", n, bits, block)
+    states[2], scales[2] = [], []
+    v = states[1][0].float() if bits == 16 else R.dequantize(states[1][0], scales[1][0], n, bits, block, False)
+    v[::7] = 0
+    if bits == 16:
+        states[1] = [v.to(torch.bfloat16)]
+    else:
+        states[1][0], scales[1][0] = R.quantize(v, bits, block, False)
+    got = (p.clone(), clone(states), clone(scales))
+    R.quant_step("adam_step", [p], [g], states, scales, [], [], bits=bits, block_size=block, **hyper)
+    impl(backend).quant_step("adam_step", [got[0]], [g], got[1], got[2], [], [], bits=bits, block_size=block,
+                             **hyper)
+    m = states[0][0] if bits == 16 else R.dequantize(states[0][0], scales[0][0], n, bits, block, True)
+    assert (p[::7][m[::7] != 0].abs() > 1e30).all() and p[1::7].isfinite().all()
+    torch.testing.assert_close(got[0], p, rtol=1e-6, atol=1e-6, equal_nan=True)
+    for a, b in zip(states + scales, got[1] + got[2]):
+        if a and a[0].dtype == torch.uint8:
+            assert torch.equal(a[0], b[0])
+
+
 def _edge_values(bits, signed, block):
     """Values that land exactly on every midpoint and map value and one ulp either side of them, zeros, tiny values,
     in blocks that each start with 1.0 (so absmax is 1 and the normalized value is the value itself), then one block
