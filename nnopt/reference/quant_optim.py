@@ -19,8 +19,10 @@ Quantization of one block s[0:B] with the map q (sorted ascending, 2^bits values
     dequantized value = q[code] * a  (float32).
 Zeros quantize to exactly 0 (both maps hold 0), so masked entries of states stay exactly 0.
 
-Maps: bitsandbytes' dynamic (exponent + linear fraction) map, signed for first moments and momentum buffers,
-unsigned for second moments and squared-gradient sums; 8 bits: max_exponent_bits 7; 4 bits: 3.
+Maps (state_map): bitsandbytes' dynamic (exponent + linear fraction) map, signed for first moments and momentum
+buffers, unsigned for second moments and squared-gradient sums; 8 bits: max_exponent_bits 7; 4 bits: 3, except
+4-bit unsigned states, stored with the linear map 0, 1/15, ..., 1 (torchao's AdamW4bit, Li et al. 2023; why:
+kernels/_qmaps.py).
 
 A reference step dequantizes every state to float32, runs nnopt.reference.fused_optim's step on those copies (the
 oracle may materialise them; the kernels do not) and requantizes. With ``seed`` (>= 0) bf16 parameters without
@@ -50,6 +52,13 @@ def dynamic_map(signed, bits):
     from nnopt.kernels import _qmaps  # plain torch, shared with the Triton kernels (imported on use: lean import)
 
     return _qmaps.dynamic_map(signed, bits)
+
+
+def state_map(signed, bits):
+    """The map a state of this signedness is stored with (see the module docstring)."""
+    from nnopt.kernels import _qmaps
+
+    return _qmaps.state_map(signed, bits)
 
 
 def tables(bits, device):

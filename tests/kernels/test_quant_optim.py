@@ -149,8 +149,8 @@ def test_grad_scale_found_inf_lr_tensor_step(backend):
 def test_adam_quotient_edges(backend, bits, eps):
     """Adam with quantized states (the CPU computes its last quotient with a refined reciprocal estimate): within
     float32 tolerance of the reference with l1, maximize and a grad scale (the non-plain loop), and the reference's
-    huge or inf updates where its denominator is 0 or subnormal (eps 0 or subnormal, zero gradient and exp_avg_sq, exp_avg not
-    zero: the lanes that must take the exact division, since the estimate overflows there)."""
+    huge or inf updates where its denominator is 0 or subnormal (eps 0 or subnormal, zero gradient and exp_avg_sq,
+    exp_avg not zero: the lanes that must take the exact division, since the estimate overflows there)."""
     skip_unless_available(backend, "cpu", FAMILY)
     n, block = 1000 + 5, R.DEFAULT_BLOCK.get(bits, 256)
     hyper = dict(OPS["adam_step"], eps=eps, l1=1e-3, maximize=True, amsgrad=False, grad_scale=torch.tensor(2.0))
@@ -245,7 +245,7 @@ def test_stochastic_rounding(backend):
 @pytest.mark.parametrize("signed", [True, False])
 def test_quantizer(bits, signed):
     """Nearest code (within half the local gap), zeros exact, positives never zero (unsigned), round trip."""
-    qmap = R.dynamic_map(signed, bits)
+    qmap = R.state_map(signed, bits)
     assert qmap.numel() == 2**bits and (qmap[1:] > qmap[:-1]).all() and 0.0 in qmap.tolist() and qmap.max() == 1
     n, block = 3001, R.DEFAULT_BLOCK[bits]
     x = torch.randn(n) if signed else torch.rand(n) ** 4

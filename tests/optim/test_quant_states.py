@@ -67,7 +67,7 @@ def adam_one_step_bound(p0, g, m, v, m_q, v_q, am, av, lr, betas, eps, step, bit
     d~ from the quantized side. Returned with float32 rounding slack."""
     b1, b2 = betas
     bc1, bc2 = 1 - b1**step, math.sqrt(1 - b2**step)
-    gaps = [(R.dynamic_map(s, bits).diff().max().item()) for s in (True, False)]
+    gaps = [(R.state_map(s, bits).diff().max().item()) for s in (True, False)]
     em = am.double().repeat_interleave(block)[: p0.numel()].view(p0.shape) * gaps[0] / 2
     ev = av.double().repeat_interleave(block)[: p0.numel()].view(p0.shape) * gaps[1] / 2
     g, m, v, m_q, v_q = (t.double() for t in (g, m, v, m_q, v_q))
