@@ -21,8 +21,9 @@
 // into groups of rows when block rows are few): it packs its rows of dy as [M][rows], then per listed tile and
 // group of R rows, R × NV accumulators reduce over all M (broadcast dy[m, row], vector loads of the x slab); the
 // tile is written (selected by the mask unless full) and the gaps between tiles are zero-filled, so each entry of
-// dW is written at most once. A large dW is mapped fresh, zeroed by the OS, and only its tiles are written
-// (fresh_zeroed); transparent huge pages cut its page faults (advise_huge_pages).
+// dW is written at most once. A large dW is a mapping (mapped_dw): fresh (zeroed by the OS: only its tiles are
+// written; transparent huge pages cut its page faults) or recycled from an earlier dW (no faults; the gaps are
+// scanned and cleared where not zero).
 // Items are pulled from an atomic counter by the threads of one at::parallel_for (tiles per block row vary).
 //
 // Compute types: float32 for float32, bfloat16 and float16 (x/dy converted up front, weights converted while
@@ -611,19 +612,66 @@ inline int64_t tiles_per_item(int64_t mt, int64_t blocks) {
   return std::max<int64_t>(1, ceil_div(mt, parts));
 }
 
-// dW [N, K] as fresh anonymous memory, which the kernel hands out zeroed: the product then writes only the kept
-// tiles, and the zeros between them cost no pass of ours (at 99% sparsity that pass, over memory the kernel has
-// just zeroed anyway, was half of dW's time). 2 MiB-aligned and advised huge pages (nnopt/fresh_memory.h). Only
-// for outputs of at least `kFreshBytes` (glibc maps those fresh per allocation too); nullopt elsewhere, or when the
-// mapping fails, and the caller zero-fills an ordinary tensor.
+// What dW's entries between its tiles hold before the product runs, so what it must do there.
+enum class Gaps {
+  kFill,  // an ordinary tensor: write zeros
+  kZero,  // fresh anonymous memory, handed out zeroed by the OS: nothing
+  kScan,  // a recycled mapping (nnopt/fresh_memory.h) holding an earlier tensor's values: read, and clear the lines
+          // that are not all zero (almost none: the earlier dW's tiles, and anything its owner wrote there)
+};
+
+// dW [N, K] as a large mapping (nnopt/fresh_memory.h), fresh or recycled: a fresh one comes zeroed, so the product
+// writes only the kept tiles (at 99% sparsity a zero pass over memory the OS had just zeroed was half of dW's
+// time); a recycled one costs neither page faults nor the OS's zeroing (~7 ms for 64 MiB here) but must be scanned
+// (~2 ms: read-only where it is zero). Only for outputs of at least `kFreshBytes` (glibc maps those fresh per
+// allocation too); nullopt elsewhere, or when mapping fails, and the caller zero-fills an ordinary tensor.
 constexpr int64_t kFreshBytes = int64_t(16) << 20;
 
-std::optional<Tensor> fresh_zeroed(int64_t rows, int64_t cols, const at::TensorOptions& options) {
+std::optional<Tensor> mapped_dw(int64_t rows, int64_t cols, const at::TensorOptions& options, Gaps& gaps) {
+  gaps = Gaps::kFill;
   const int64_t bytes = rows * cols * int64_t(c10::elementSize(c10::typeMetaToScalarType(options.dtype())));
   if (bytes < kFreshBytes) return std::nullopt;
-  std::optional<Tensor> t = fresh_mapping(rows * cols, options);
-  if (t) *t = t->view({rows, cols});
+  bool recycled = false;
+  std::optional<Tensor> t = fresh_or_recycled(rows * cols, options, recycled);
+  if (!t) return t;
+  gaps = recycled ? Gaps::kScan : Gaps::kZero;
+  *t = t->view({rows, cols});
   return t;
+}
+
+// Whether any of the `bytes` bytes at p is not zero.
+inline bool any_nonzero(const void* p, int64_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  int64_t i = 0;
+#if NNOPT_ML_AVX512
+  __m512i acc = _mm512_setzero_si512();
+  for (; i + 64 <= bytes; i += 64) acc = _mm512_or_si512(acc, _mm512_loadu_si512(c + i));
+  if (_mm512_test_epi32_mask(acc, acc)) return true;
+#endif
+  uint64_t any = 0;
+  for (; i + 8 <= bytes; i += 8) {
+    uint64_t u;
+    std::memcpy(&u, c + i, 8);
+    any |= u;
+  }
+  for (; i < bytes; ++i) any |= uint64_t(uint8_t(c[i]));
+  return any != 0;
+}
+
+// Zeroes p[0:n) where it is not already all +0.0 (bit patterns: -0.0 and NaN are cleared too), so memory that is zero
+// is only read: 1 KiB is OR-reduced at a time (one test and branch per 16 lines), and only a span that is not all
+// zero is looked at line by line.
+template <typename C>
+void clear_nonzero(C* p, int64_t n) {
+  constexpr int64_t kLine = 64 / int64_t(sizeof(C)), kSpan = 16 * kLine;
+  for (int64_t i = 0; i < n; i += kSpan) {
+    const int64_t m = std::min(kSpan, n - i);
+    if (!any_nonzero(p + i, m * int64_t(sizeof(C)))) continue;
+    for (int64_t j = i; j < i + m; j += kLine) {
+      const int64_t l = std::min(kLine, i + m - j);
+      if (any_nonzero(p + j, l * int64_t(sizeof(C)))) std::fill(p + j, p + j + l, C(0));
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------------------
@@ -710,7 +758,7 @@ void dx_impl(const C* dy, const S* w, const bool* mask, const Layout& L, int64_t
 }
 
 template <typename C>
-void dw_impl(const C* dy, const C* x, const bool* mask, const Layout& L, int64_t M, C* dw, bool zeroed) {
+void dw_impl(const C* dy, const C* x, const bool* mask, const Layout& L, int64_t M, C* dw, Gaps gaps) {
   constexpr int64_t W = Vec<C>::W;
   const int64_t chunk = chunk_cols<C>();
   const int64_t nnzb = L.ptr[L.NB];
@@ -785,15 +833,22 @@ void dw_impl(const C* dy, const C* x, const bool* mask, const Layout& L, int64_t
       }
     }
     // Zeros between the listed tiles (col_idx ascends within a block row), unless the memory came zeroed.
-    for (int64_t r = r_begin; r < r_end && !zeroed; ++r) {
+    auto zero = [gaps](C* a, C* b) {
+      if (gaps == Gaps::kScan) {
+        clear_nonzero(a, b - a);
+      } else {
+        std::fill(a, b, C(0));
+      }
+    };
+    for (int64_t r = r_begin; r < r_end && gaps != Gaps::kZero; ++r) {
       C* row = dw + (j0 + r) * L.K;
       int64_t done = 0;
       for (int64_t p = p0; p < p1; ++p) {
         const int64_t k0 = int64_t(L.idx[p]) * L.bk;
-        std::fill(row + done, row + k0, C(0));
+        zero(row + done, row + k0);
         done = std::min(L.K, k0 + L.bk);
       }
-      std::fill(row + done, row + L.K, C(0));
+      zero(row + done, row + L.K);
     }
   });
 }
@@ -917,18 +972,19 @@ Tensor masked_linear_dw_cpu(const Tensor& dy, const Tensor& x, const Tensor& mas
 
   const Tensor dyc = compute_copy(dy);
   const Tensor xc = compute_copy(x);
-  std::optional<Tensor> fresh = fresh_zeroed(N, K, xc.options());
-  const bool zeroed = fresh.has_value();
-  Tensor dw = zeroed ? *fresh : at::empty({N, K}, xc.options());
-  if (!zeroed) advise_huge_pages(dw.data_ptr(), dw.numel() * int64_t(dw.element_size()));
+  Gaps gaps;
+  std::optional<Tensor> mapped = mapped_dw(N, K, xc.options(), gaps);
+  Tensor dw = mapped ? *mapped : at::empty({N, K}, xc.options());
+  if (!mapped) advise_huge_pages(dw.data_ptr(), dw.numel() * int64_t(dw.element_size()));
   if (N == 0 || K == 0) return to_dtype(dw, dy.scalar_type());
   const Layout L{N, K, block_n, block_k, NB, KB, row_ptr.data_ptr<int32_t>(), col_idx.data_ptr<int32_t>(), nullptr,
                  full.data_ptr<bool>()};
   if (xc.scalar_type() == at::kDouble) {
     dw_impl<double>(dyc.data_ptr<double>(), xc.data_ptr<double>(), mask.data_ptr<bool>(), L, M,
-                    dw.data_ptr<double>(), zeroed);
+                    dw.data_ptr<double>(), gaps);
   } else {
-    dw_impl<float>(dyc.data_ptr<float>(), xc.data_ptr<float>(), mask.data_ptr<bool>(), L, M, dw.data_ptr<float>(), zeroed);
+    dw_impl<float>(dyc.data_ptr<float>(), xc.data_ptr<float>(), mask.data_ptr<bool>(), L, M, dw.data_ptr<float>(),
+                   gaps);
   }
   return to_dtype(dw, dy.scalar_type());
 }

@@ -142,6 +142,37 @@ def test_dw_large_fresh_output(kind):
     del got, w
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=str)
+@pytest.mark.parametrize("garbage", ["all", "sparse"])
+def test_dw_recycled_output_is_cleared(dtype, garbage):
+    """A freed large dW goes back to a pool and backs the next one (no page faults, no zeroing by the OS): whatever
+    its owner left in it (NaN, -0.0, values everywhere, or one stray value per KiB), the next dW, for another mask,
+    equals the reference and holds exactly +0.0 off its mask. The second call must reuse the first one's memory, or
+    this test checks nothing."""
+    fns = impl("cpu")
+    n, k = 2048 + 17, 2048 + 5  # > 16 MiB
+    x, _, mask, _, dy, layout = make("tiles", 32, 32, 3, n=n, k=k)
+    first = fns.masked_linear_dw(dy.to(dtype), x.to(dtype), mask, layout)
+    flat = first.view(-1)
+    if garbage == "all":
+        flat.fill_(float("nan"))
+        flat[::3] = -0.0
+        flat[1::3] = 7.0
+    else:
+        flat[::293] = -0.0
+        flat[5::1031] = 3.0
+        flat[-1] = float("nan")
+    ptr = first.data_ptr()
+    del first, flat
+    x, _, mask, _, dy, layout = make("random-0.05", 32, 32, 3, n=n, k=k)
+    got = fns.masked_linear_dw(dy.to(dtype), x.to(dtype), mask, layout)
+    assert got.data_ptr() == ptr
+    bits = torch.int64 if dtype == torch.float64 else torch.int32
+    assert (got[~mask].view(bits) == 0).all()
+    want = ref.masked_linear_dw(dy.double(), x.double(), mask)
+    assert_close(got, want.to(dtype), reduction_length=3)
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float64], ids=str)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_other_dtypes(backend, dtype):
