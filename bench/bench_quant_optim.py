@@ -92,8 +92,8 @@ def speed(ps, repeats):
         opt.step()
         label = f"nnopt AdamW {bits}-bit"
         providers[label] = opt.step
-        # p read+write, g read, two states read+write (+ scales, 1/64 or 1/32 of a byte per element per state)
-        per = {32: 8 + 8, 16: 4 + 4, 8: 2 + 2 * 4 / 256 * 2, 4: 1 + 2 * 2 / 128 * 2}[bits]
+        # p read+write, g read, two states read+write: 2 x 2 x (bytes per element + the block scale's share)
+        per = 2 * 2 * {32: 4, 16: 2, 8: 1 + 4 / 256, 4: 0.5 + 2 / 128}[bits]
         moved[label] = n * (12 + per)
     third, why = _third_party(ps)
     for label, fn in third.items():
