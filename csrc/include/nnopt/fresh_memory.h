@@ -10,6 +10,7 @@
 #include <ATen/ops/from_blob.h>
 
 #include <cstdint>
+#include <cstdlib>
 #include <mutex>
 #include <optional>
 #include <utility>
@@ -36,9 +37,9 @@ inline void advise_huge_pages(void* p, int64_t bytes) {
 #if defined(__linux__) && defined(MAP_ANONYMOUS)
 // Mappings whose tensors have been freed, kept for the next request of the same length instead of unmapped: a fresh
 // mapping costs a page fault and the OS's zeroing per page on first touch (a 64 MiB dW: ~7 ms here, against ~0.2 ms
-// for its tiles at 99% sparsity), a recycled one neither. Up to kMaxBytes are kept, oldest unmapped first. A
-// recycled mapping holds whatever its last tensor held: callers that need zeros must clear it (see
-// fresh_or_recycled).
+// for its tiles at 99% sparsity), a recycled one neither. Up to NNOPT_MAPPING_POOL_MB MiB are kept (default 1024;
+// 0 unmaps at once, as before the pool), oldest unmapped first. A recycled mapping holds whatever its last tensor
+// held: callers that need zeros must clear it (see fresh_or_recycled).
 class MappingPool {
  public:
   static MappingPool& get() {
@@ -65,7 +66,7 @@ class MappingPool {
       std::lock_guard<std::mutex> lock(mu_);
       free_.emplace_back(raw, len);
       bytes_ += len;
-      while (bytes_ > kMaxBytes && !free_.empty()) {
+      while (bytes_ > max_bytes_ && !free_.empty()) {
         drop.push_back(free_.front());
         bytes_ -= free_.front().second;
         free_.erase(free_.begin());
@@ -75,7 +76,11 @@ class MappingPool {
   }
 
  private:
-  static constexpr size_t kMaxBytes = size_t(1) << 30;
+  MappingPool() {
+    const char* env = std::getenv("NNOPT_MAPPING_POOL_MB");
+    if (env && *env) max_bytes_ = size_t(std::strtoull(env, nullptr, 10)) << 20;
+  }
+  size_t max_bytes_ = size_t(1) << 30;
   std::mutex mu_;
   std::vector<std::pair<void*, size_t>> free_;
   size_t bytes_ = 0;
