@@ -623,7 +623,7 @@ enum class Gaps {
 // dW [N, K] as a large mapping (nnopt/fresh_memory.h), fresh or recycled: a fresh one comes zeroed, so the product
 // writes only the kept tiles (at 99% sparsity a zero pass over memory the OS had just zeroed was half of dW's
 // time); a recycled one costs neither page faults nor the OS's zeroing (~7 ms for 64 MiB here) but must be scanned
-// (~2 ms: read-only where it is zero). Only for outputs of at least `kFreshBytes` (glibc maps those fresh per
+// (~3 ms: read-only where it is zero). Only for outputs of at least `kFreshBytes` (glibc maps those fresh per
 // allocation too); nullopt elsewhere, or when mapping fails, and the caller zero-fills an ordinary tensor.
 constexpr int64_t kFreshBytes = int64_t(16) << 20;
 
