@@ -97,6 +97,11 @@ TORCH_LIBRARY(nnopt, m) {
       "float weight_decay, float[] lr_ratios, float l1, Tensor? lr_tensor=None, Tensor? found_inf=None) -> ()");
   // Per-tensor L2 norms of a list of contiguous floating tensors on one device: float32 [len(tensors)].
   m.def("l2_norms(Tensor[] tensors) -> Tensor");
+  // The kept entries of masked tensors (compact optimizer states): kept_gather packs each src (contiguous, as many
+  // elements as the bool mask) into [k] in the mask's row-major order, as torch.masked_select; kept_scatter_ writes
+  // packed [k] back to dst's kept entries, as dst.masked_scatter_(mask, packed), and nothing else of dst.
+  m.def("kept_gather(Tensor mask, Tensor[] srcs) -> Tensor[]");
+  m.def("kept_scatter_(Tensor(a!) dst, Tensor mask, Tensor packed) -> ()");
 
   // Radix-select histogram (family: select), the primitive of nnopt/prune/_select.py: adds to hist (int64,
   // 2^bits bins, the scores' device) the count of eligible entries (mask true; a None mask = all) per value of

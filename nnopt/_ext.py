@@ -56,6 +56,13 @@ def _register_fakes():
             torch.library.register_fake(f"nnopt::{name}_")(_noop)
     torch.library.register_fake("nnopt::l2_norms")(lambda tensors: tensors[0].new_empty((len(tensors),),
                                                                                          dtype=torch.float32))
+
+    def kept_gather(mask, srcs):  # as many entries as the mask keeps: a data-dependent size
+        k = torch.library.get_ctx().new_dynamic_size()
+        return [s.new_empty((k,)) for s in srcs]
+
+    torch.library.register_fake("nnopt::kept_gather")(kept_gather)
+    torch.library.register_fake("nnopt::kept_scatter_")(_noop)
     # The select histogram adds into its `hist` argument in place and returns nothing.
     torch.library.register_fake("nnopt::select_histogram_")(_noop)
     # SparseGPT's column-block update works in place on its w, pruned and err arguments.

@@ -9,11 +9,11 @@ A masked parameter ``p`` (n elements, k kept by ``nnopt.sparsity.get_mask(p)``) 
   So m <= k + n/15: at most k/2 + n/30 bytes (0.083 B/param at 10% kept; 0.06 for a random 10% mask), less than
   a bitmap (n/8) or any per-entry index; the positions come back with one cumulative sum (``decode_index``).
 
-The step gathers the kept entries of the parameter, its gradient (and master) into [k] temporaries, runs the
-same fused kernel as full states on them (one call per parameter), and scatters the parameter back (pruned
-entries are not written: they hold 0 by the mask contract). Cost over a full-state masked step: one nonzero over
-the mask (n bytes read) and 3k element copies (gather parameter and gradient, scatter the parameter), for 10x
-less state; the [k] positions live only during the step.
+The step gathers the kept entries of the parameter and its gradient into [k] temporaries, runs the same fused
+kernel as full states on them (one call per parameter), and scatters the parameter back (pruned entries are not
+written: they hold 0 by the mask contract). Cost over a full-state masked step, for 10x less state: on CPU two
+parallel passes over the mask (nnopt::kept_gather, kept_scatter_: csrc/cpu/kept_gather.cpp) and 3k element
+copies; elsewhere one nonzero over the mask, whose [k] positions live only during the step, and the same copies.
 When a mask changes (a new mask object, or an in-place edit), the states are remapped: entries kept by both
 masks keep their values, regrown entries start at zero (Adagrad: at ``initial_accumulator_value``; masters: at the
 parameter's value), newly pruned ones are dropped.

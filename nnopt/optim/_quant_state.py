@@ -28,7 +28,7 @@ import warnings
 
 import torch
 
-from nnopt import backends, sparsity
+from nnopt import _ext, backends, sparsity
 from nnopt.optim._compact_state import decode_index, encode_index
 from nnopt.optim._fused import _Bucket, _dtensor_type, _local
 from nnopt.optim._shard_state import BLOCKS, ShardState, like_param, max_shard_numel
@@ -420,14 +420,23 @@ class QuantStates:
             p, mask, g = p.to_local(), mask.to_local(), g.to_local()
         if self._has_step:
             st["step"] += 1
-        # One nonzero over the mask, then index_select / index_copy_: ~4x cheaper than boolean indexing twice
-        # plus masked_scatter_ (the positions live only during the step).
-        pos = mask.reshape(-1).nonzero().reshape(-1)
-        if pos.numel() == 0:
-            return
         flat = p.detach().view(-1) if p.is_contiguous() else None
-        pk = (flat if flat is not None else p.detach().reshape(-1)).index_select(0, pos)
-        gk = g.reshape(-1).index_select(0, pos)
+        # CPU: nnopt::kept_gather / kept_scatter_ move the kept entries in two parallel passes over the mask, no
+        # positions (3.6x faster than nonzero + index_select on a 4096² mask here). Elsewhere: one nonzero, then
+        # index_select / index_copy_ (~4x cheaper than boolean indexing twice plus masked_scatter_).
+        kept_ops = (flat is not None and p.device.type == "cpu" and mask.is_contiguous() and g.is_contiguous()
+                    and _ext.has_kernel("kept_gather", "CPU"))
+        if kept_ops:
+            pos = None
+            pk, gk = torch.ops.nnopt.kept_gather(mask, [flat, g.reshape(-1)])
+            if pk.numel() == 0:
+                return
+        else:
+            pos = mask.reshape(-1).nonzero().reshape(-1)
+            if pos.numel() == 0:
+                return
+            pk = (flat if flat is not None else p.detach().reshape(-1)).index_select(0, pos)
+            gk = g.reshape(-1).index_select(0, pos)
         count = (st["step"].reshape(1), False) if self._has_step else None
         extra = self._bucket_extra(group, st)
         if self._op == "sgd_step" and extra is not None:
@@ -446,7 +455,9 @@ class QuantStates:
             b = _Bucket(p.device, extra, [0], count, lists, names, [])
             self._launch(group, None, b, [gk], grad_scale, found_inf)
         # Pruned entries are not written: they hold 0 by the mask contract (set_mask zeroes them).
-        if flat is not None:
+        if kept_ops:
+            torch.ops.nnopt.kept_scatter_(flat, mask, pk)
+        elif flat is not None:
             flat.index_copy_(0, pos, pk)
         else:
             p.detach().masked_scatter_(mask, pk)
