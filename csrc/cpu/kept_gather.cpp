@@ -15,6 +15,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
@@ -57,88 +58,10 @@ Plan plan(const uint8_t* m, int64_t n) {
   return p;
 }
 
+// The unsigned integer of S bytes: entries are moved as bit patterns, whatever their dtype.
 template <int S>
-struct Word;
-template <>
-struct Word<1> {
-  using T = uint8_t;
-};
-template <>
-struct Word<2> {
-  using T = uint16_t;
-};
-template <>
-struct Word<4> {
-  using T = uint32_t;
-};
-template <>
-struct Word<8> {
-  using T = uint64_t;
-};
-
-// src[i] for the kept i of [b, e), written from dst[j] on.
-template <int S>
-void gather_run(const uint8_t* m, const void* src_v, void* dst_v, int64_t b, int64_t e, int64_t j) {
-  using T = typename Word<S>::T;
-  const T* src = static_cast<const T*>(src_v);
-  T* dst = static_cast<T*>(dst_v);
-  int64_t i = b;
-#if NNOPT_KEPT_AVX512
-  if constexpr (S == 4) {
-    for (; i + 16 <= e; i += 16) {
-      const __mmask16 k = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i)),
-                                             _mm_set1_epi8(-1));
-      const int c = __builtin_popcount(k);
-      const __m512i v = _mm512_maskz_compress_epi32(k, _mm512_loadu_si512(src + i));
-      _mm512_mask_storeu_epi32(dst + j, __mmask16((1u << c) - 1), v);
-      j += c;
-    }
-  } else if constexpr (S == 8) {
-    for (; i + 8 <= e; i += 8) {
-      const __mmask8 k = _mm_test_epi8_mask(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)),
-                                            _mm_set1_epi8(-1));
-      const int c = __builtin_popcount(k);
-      const __m512i v = _mm512_maskz_compress_epi64(k, _mm512_loadu_si512(src + i));
-      _mm512_mask_storeu_epi64(dst + j, __mmask8((1u << c) - 1), v);
-      j += c;
-    }
-  }
-#endif
-  for (; i < e; ++i) {
-    if (m[i]) dst[j++] = src[i];
-  }
-}
-
-// dst[i] = src[j++] for the kept i of [b, e); the other entries of dst are not written.
-template <int S>
-void scatter_run(const uint8_t* m, const void* src_v, void* dst_v, int64_t b, int64_t e, int64_t j) {
-  using T = typename Word<S>::T;
-  const T* src = static_cast<const T*>(src_v);
-  T* dst = static_cast<T*>(dst_v);
-  int64_t i = b;
-#if NNOPT_KEPT_AVX512
-  if constexpr (S == 4) {
-    for (; i + 16 <= e; i += 16) {
-      const __mmask16 k = _mm_test_epi8_mask(_mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i)),
-                                             _mm_set1_epi8(-1));
-      const __m512i v = _mm512_maskz_expandloadu_epi32(k, src + j);
-      _mm512_mask_storeu_epi32(dst + i, k, v);
-      j += __builtin_popcount(k);
-    }
-  } else if constexpr (S == 8) {
-    for (; i + 8 <= e; i += 8) {
-      const __mmask8 k = _mm_test_epi8_mask(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i)),
-                                            _mm_set1_epi8(-1));
-      const __m512i v = _mm512_maskz_expandloadu_epi64(k, src + j);
-      _mm512_mask_storeu_epi64(dst + i, k, v);
-      j += __builtin_popcount(k);
-    }
-  }
-#endif
-  for (; i < e; ++i) {
-    if (m[i]) dst[i] = src[j++];
-  }
-}
+using Word = std::conditional_t<S == 1, uint8_t,
+                                std::conditional_t<S == 2, uint16_t, std::conditional_t<S == 4, uint32_t, uint64_t>>>;
 
 template <typename F>
 void by_size(int64_t size, const F& f) {
@@ -158,6 +81,61 @@ void by_size(int64_t size, const F& f) {
     default:
       TORCH_CHECK(false, "nnopt: element size ", size, " is not supported");
   }
+}
+
+// Gather: dst[j++] = src[i] for the kept i of [b, e). Scatter: dst[i] = src[j++] for them; the other entries of
+// dst are not written. 16 (8) mask bytes make one lane mask; compress, or expand with a masked store.
+template <int S, bool Gather>
+void move_run(const uint8_t* m, const void* src_v, void* dst_v, int64_t b, int64_t e, int64_t j) {
+  using T = Word<S>;
+  const T* src = static_cast<const T*>(src_v);
+  T* dst = static_cast<T*>(dst_v);
+  int64_t i = b;
+#if NNOPT_KEPT_AVX512
+  if constexpr (S == 4 || S == 8) {
+    constexpr int L = 64 / S;
+    using Mask = std::conditional_t<S == 4, __mmask16, __mmask8>;
+    for (; i + L <= e; i += L) {
+      const __m128i bytes = S == 4 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(m + i))
+                                   : _mm_loadl_epi64(reinterpret_cast<const __m128i*>(m + i));
+      const Mask k = Mask(_mm_test_epi8_mask(bytes, _mm_set1_epi8(-1)));
+      const int c = __builtin_popcount(unsigned(k));
+      if constexpr (Gather) {
+        const __m512i x = _mm512_loadu_si512(src + i);
+        if constexpr (S == 4) {
+          _mm512_mask_storeu_epi32(dst + j, Mask((1u << c) - 1), _mm512_maskz_compress_epi32(k, x));
+        } else {
+          _mm512_mask_storeu_epi64(dst + j, Mask((1u << c) - 1), _mm512_maskz_compress_epi64(k, x));
+        }
+      } else if constexpr (S == 4) {
+        _mm512_mask_storeu_epi32(dst + i, k, _mm512_maskz_expandloadu_epi32(k, src + j));
+      } else {
+        _mm512_mask_storeu_epi64(dst + i, k, _mm512_maskz_expandloadu_epi64(k, src + j));
+      }
+      j += c;
+    }
+  }
+#endif
+  for (; i < e; ++i) {
+    if (!m[i]) continue;
+    if constexpr (Gather) {
+      dst[j++] = src[i];
+    } else {
+      dst[i] = src[j++];
+    }
+  }
+}
+
+// move_run over every chunk of the plan, in parallel, for elements of `size` bytes.
+template <bool Gather>
+void move_all(const uint8_t* m, const Plan& p, int64_t size, const void* src, void* dst) {
+  const int64_t chunks = int64_t(p.begin.size()) - 1;
+  by_size(size, [&](auto sc) {
+    constexpr int S = decltype(sc)::value;
+    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+      for (int64_t c = c0; c < c1; ++c) move_run<S, Gather>(m, src, dst, p.begin[c], p.begin[c + 1], p.offset[c]);
+    });
+  });
 }
 
 void check_mask(const char* op, const Tensor& mask) {
@@ -182,18 +160,10 @@ std::vector<Tensor> kept_gather_cpu(const Tensor& mask, at::TensorList srcs) {
   for (size_t s = 0; s < srcs.size(); ++s) check_values(op, "srcs", s, srcs[s], n);
   const uint8_t* m = reinterpret_cast<const uint8_t*>(mask.const_data_ptr<bool>());
   const Plan p = plan(m, n);
-  const int64_t chunks = int64_t(p.begin.size()) - 1;
   std::vector<Tensor> out;
   for (const Tensor& src : srcs) {
     Tensor dst = at::empty({p.offset.back()}, src.options());
-    by_size(src.element_size(), [&](auto sc) {
-      constexpr int S = decltype(sc)::value;
-      at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-        for (int64_t c = c0; c < c1; ++c) {
-          gather_run<S>(m, src.const_data_ptr(), dst.data_ptr(), p.begin[c], p.begin[c + 1], p.offset[c]);
-        }
-      });
-    });
+    move_all<true>(m, p, src.element_size(), src.const_data_ptr(), dst.data_ptr());
     out.push_back(std::move(dst));
   }
   return out;
@@ -212,15 +182,7 @@ void kept_scatter_cpu(const Tensor& dst, const Tensor& mask, const Tensor& packe
   const Plan p = plan(m, n);
   TORCH_CHECK(packed.numel() == p.offset.back(), "nnopt::", op, ": packed has ", packed.numel(),
               " elements, the mask keeps ", p.offset.back());
-  const int64_t chunks = int64_t(p.begin.size()) - 1;
-  by_size(dst.element_size(), [&](auto sc) {
-    constexpr int S = decltype(sc)::value;
-    at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-      for (int64_t c = c0; c < c1; ++c) {
-        scatter_run<S>(m, packed.const_data_ptr(), dst.data_ptr(), p.begin[c], p.begin[c + 1], p.offset[c]);
-      }
-    });
-  });
+  move_all<false>(m, p, dst.element_size(), packed.const_data_ptr(), dst.data_ptr());
 }
 
 }  // namespace
