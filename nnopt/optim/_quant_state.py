@@ -24,6 +24,7 @@ states of DTensor parameters are the rank's own (see ``_compact_sync``).
 Not on the quantized path: float64 and complex parameters, sparse gradients (an error).
 """
 
+import functools
 import warnings
 
 import torch
@@ -114,6 +115,13 @@ def write(state, name, fmt, p, value, signed, contiguous):
     else:
         state[name] = torch.empty_like(p, dtype=fmt[1], memory_format=torch.preserve_format).copy_(v)
 
+
+
+@functools.lru_cache(maxsize=None)
+def _kept_ops_built():
+    """Whether nnopt._C has the CPU kept_gather / kept_scatter_ ops (asked once: ~8 us a query, per parameter and
+    step otherwise)."""
+    return _ext.has_kernel("kept_gather", "CPU")
 
 class QuantStates:
     """Mixin placed before FusedOptimizer: ``class Adam(QuantStates, FusedOptimizer)``.
@@ -425,7 +433,7 @@ class QuantStates:
         # positions (3.6x faster than nonzero + index_select on a 4096² mask here). Elsewhere: one nonzero, then
         # index_select / index_copy_ (~4x cheaper than boolean indexing twice plus masked_scatter_).
         kept_ops = (flat is not None and p.device.type == "cpu" and mask.is_contiguous() and g.is_contiguous()
-                    and _ext.has_kernel("kept_gather", "CPU"))
+                    and _kept_ops_built())
         if kept_ops:
             pos = None
             pk, gk = torch.ops.nnopt.kept_gather(mask, [flat, g.reshape(-1)])
