@@ -123,6 +123,7 @@ def _kept_ops_built():
     step otherwise)."""
     return _ext.has_kernel("kept_gather", "CPU")
 
+
 class QuantStates:
     """Mixin placed before FusedOptimizer: ``class Adam(QuantStates, FusedOptimizer)``.
 
