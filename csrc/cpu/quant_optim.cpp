@@ -11,9 +11,9 @@
 // reciprocal estimate (adam_loop_fast), 0.23 instead of 0.58 ns per element. Each step below trims port-5 work:
 // - 8-bit dequantize: the map's four byte planes read by vpermi2b, 64 codes at a time (AVX512-VBMI); otherwise
 //   8 x vpermt2ps blended by a tree of index-bit tests. 4-bit: one vpermps.
-// - 8-bit quantize: a bucket of |x|'s float bits gives the candidate code and the one midpoint inside it (two
-//   gathers from ~30 KB of L1 tables; a gather costs ~0.3 ns/element here, not the ~5 ns once measured), then one
-//   compare. 4-bit, and maps no bucket size separates: a branch-free binary search over the midpoints with
+// - 8-bit quantize: a bucket of |x|'s float bits gives the candidate code and the one midpoint inside it, packed
+//   in one 32-bit word (one gather from a 13-26 KB L1 table; the gather is still most of the quantizer's time),
+//   then one integer compare on x's low bits. 4-bit, and maps no bucket size separates: a branch-free binary search over the midpoints with
 //   permuted level tables. Either way code = #{mids < x}, the reference's searchsorted, so codes are identical.
 // - No per-element fix-ups: NaN codes only in blocks whose absmax flags an inf or NaN; the unsigned "never code
 //   0 for x > 0" rule folded into the tables (first midpoint taken as min(mid, 0)).
@@ -300,15 +300,19 @@ struct Format {
 
 // The 8-bit quantizer without a search: |x|'s float bits, exponent and top m mantissa bits, name a bucket (one
 // per sign; |x| < 2^-24 share the first, |x| >= 2 and inf/NaN the last); m is the least for which no bucket holds
-// more than one midpoint, so code = code[b] + (mid[b] < x), code[b] = #{mids < the bucket's lowest x}, mid[b] the
-// bucket's midpoint or +inf: the same count as the search, ties included. Two gathers from L1 tables (~30 KB).
+// more than one midpoint, so code = code[b] + (mid[b] < x), code[b] = #{mids < the bucket's lowest |x|}: the same
+// count as the search, ties included. One gather: word[b] = code[b] | thr[b] << 8, where thr compares the bucket's
+// midpoint in x's low 23 - m bits (every x of a middle bucket shares the rest with the midpoint): key(x) =
+// 2^23 | low bits (complemented for negative x, which turns "mid < x" into "|mid| > |x|"), and mid < x iff
+// thr < key(x); thr = 2^24 - 1 where the bucket holds no midpoint. In the first bucket key(x) = |x|'s bits while
+// they fit in the low bits (2^23 | low bits above), so a midpoint there must fit too (the unsigned map's 0 does).
 struct Buckets {
   int m = 0;
   int32_t nb = 0;               // buckets per sign
-  std::vector<float> mid;       // [2 * nb], negative x from nb on
-  std::vector<uint8_t> code;    // [2 * nb + 3] (gathered as 32-bit words, masked to the low byte)
+  std::vector<uint32_t> word;   // [2 * nb], negative x from nb on
 };
 constexpr int32_t kBucketE0 = 127 - 24;
+constexpr uint32_t kNoMid = (1u << 24) - 1;
 
 // nullptr when no m <= 8 separates the midpoints (the tables then stay a binary search).
 std::shared_ptr<const Buckets> build_buckets(const float* mids, int nmid) {
@@ -317,8 +321,8 @@ std::shared_ptr<const Buckets> build_buckets(const float* mids, int nmid) {
     auto b = std::make_shared<Buckets>();
     b->m = m;
     b->nb = 2 + ((128 - kBucketE0) << m);
-    b->mid.resize(2 * b->nb);
-    b->code.assign(2 * b->nb + 3, 0);
+    b->word.assign(2 * b->nb, 0);
+    const uint32_t low = (1u << (23 - m)) - 1;
     bool ok = true;
     for (int32_t k = 0; k < b->nb && ok; ++k) {
       uint32_t lo, hi;  // |x| bit range of bucket k
@@ -327,17 +331,26 @@ std::shared_ptr<const Buckets> build_buckets(const float* mids, int nmid) {
       } else if (k == b->nb - 1) {
         lo = 128u << 23, hi = 0x7f800000u;
       } else {
-        lo = uint32_t(k - 1 + (kBucketE0 << m)) << (23 - m), hi = lo + (1u << (23 - m)) - 1;
+        lo = uint32_t(k - 1 + (kBucketE0 << m)) << (23 - m), hi = lo + low;
       }
       for (int sg = 0; sg < 2; ++sg) {
         const float xlo = sg ? -float_of(hi) : float_of(lo), xhi = sg ? -float_of(lo) : float_of(hi);
         const int32_t clo = count(xlo), chi = count(xhi);
+        uint32_t thr = kNoMid;
         if (chi - clo > 1) {
           ok = false;
-          break;
+        } else if (chi > clo) {
+          const uint32_t mb = bits_of(mids[clo]) & 0x7fffffffu;  // |mid|, in [lo, hi] (its sign is x's)
+          if (k == 0) {
+            ok = sg == 0 && mb <= low;  // key(x) = |x|'s bits there
+            thr = mb;
+          } else if (k == b->nb - 1) {
+            ok = false;
+          } else {
+            thr = (1u << 23) | (sg ? low - (mb - lo) : mb - lo);
+          }
         }
-        b->code[sg * b->nb + k] = uint8_t(clo);
-        b->mid[sg * b->nb + k] = chi > clo ? mids[clo] : std::numeric_limits<float>::infinity();
+        b->word[sg * b->nb + k] = uint32_t(clo) | thr << 8;
       }
     }
     if (ok) return b;
@@ -433,16 +446,31 @@ inline __m512i search16(const Format& fm, int row, __m512 x) {
   return pos;
 }
 
-// 8-bit codes by the bucket tables (see Buckets).
-inline __m512i bucket16(const Buckets& bk, __m512 x) {
+// 8-bit codes by the bucket tables (see Buckets). Constants are hoisted by the caller (the byte stores of the
+// codes would otherwise make the compiler reload the table's fields every iteration).
+struct BucketConsts {
+  const uint32_t* word;
+  __m512i shift, off, top, nb, low;
+  explicit BucketConsts(const Buckets* bk)  // null: unused (the binary search runs)
+      : word(bk ? bk->word.data() : nullptr), shift(_mm512_set1_epi32(bk ? 23 - bk->m : 0)),
+        off(_mm512_set1_epi32(bk ? (kBucketE0 << bk->m) - 1 : 0)), top(_mm512_set1_epi32(bk ? bk->nb - 1 : 0)),
+        nb(_mm512_set1_epi32(bk ? bk->nb : 0)), low(_mm512_set1_epi32(bk ? (1 << (23 - bk->m)) - 1 : 0)) {}
+};
+
+inline __m512i bucket16(const BucketConsts& bc, __m512 x) {
   const __m512i u = _mm512_castps_si512(x);
   const __m512i a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
-  __m512i k = _mm512_sub_epi32(_mm512_srli_epi32(a, 23 - bk.m), _mm512_set1_epi32((kBucketE0 << bk.m) - 1));
-  k = _mm512_min_epi32(_mm512_max_epi32(k, _mm512_setzero_si512()), _mm512_set1_epi32(bk.nb - 1));
-  k = _mm512_mask_add_epi32(k, _mm512_movepi32_mask(u), k, _mm512_set1_epi32(bk.nb));
-  const __m512 mid = _mm512_i32gather_ps(k, bk.mid.data(), 4);
-  const __m512i c = _mm512_and_si512(_mm512_i32gather_epi32(k, bk.code.data(), 1), _mm512_set1_epi32(255));
-  return _mm512_mask_add_epi32(c, _mm512_cmp_ps_mask(mid, x, _CMP_LT_OQ), c, _mm512_set1_epi32(1));
+  const __m512i raw = _mm512_srlv_epi32(a, bc.shift);
+  __m512i k = _mm512_min_epi32(_mm512_max_epi32(_mm512_sub_epi32(raw, bc.off), _mm512_setzero_si512()), bc.top);
+  const __mmask16 neg = _mm512_movepi32_mask(u);
+  k = _mm512_mask_add_epi32(k, neg, k, bc.nb);
+  const __m512i w = _mm512_i32gather_epi32(k, bc.word, 4);
+  // key: low bits, complemented for negative x (0xe8: (u ^ sign) & low, sign = u >> 31 arithmetic), | 2^23 once
+  // |x| leaves them.
+  const __m512i key = _mm512_or_si512(
+      _mm512_ternarylogic_epi32(u, _mm512_srai_epi32(u, 31), bc.low, 0x28),
+      _mm512_slli_epi32(_mm512_min_epu32(raw, _mm512_set1_epi32(1)), 23));
+  return _mm512_mask_add_epi32(w, _mm512_cmplt_epu32_mask(_mm512_srli_epi32(w, 8), key), w, _mm512_set1_epi32(1));
 }
 
 // Codes of src[0:n) * r, 16 at a time; returns how many were done. special: the block holds an inf or a NaN, so
@@ -451,10 +479,12 @@ template <int Bits>
 int64_t codes16(const Format& fm, int row, const float* __restrict src, float r, bool special, int64_t n,
                 uint8_t* __restrict codes) {
   const __m512 vr = _mm512_set1_ps(r);
+  const bool fast = Bits == 8 && fm.buckets[row];
+  const BucketConsts bc(fast ? fm.buckets[row].get() : nullptr);
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512 x = _mm512_mul_ps(_mm512_loadu_ps(src + i), vr);
-    __m512i c = Bits == 8 && fm.buckets[row] ? bucket16(*fm.buckets[row], x) : search16<Bits>(fm, row, x);
+    __m512i c = fast ? bucket16(bc, x) : search16<Bits>(fm, row, x);
     if (special) {
       c = _mm512_mask_mov_epi32(c, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), _mm512_set1_epi32((1 << Bits) - 1));
     }

@@ -185,6 +185,11 @@ def _edge_values(bits, signed, block):
     pts = torch.cat([mids[row, :-1], qmap[row]])
     pts = torch.cat([pts, torch.nextafter(pts, torch.tensor(2.0)), torch.nextafter(pts, torch.tensor(-2.0)),
                      torch.tensor([0.0, -0.0, 1e-30, -1e-30, 1e-40, 1e-9, 3e-8])]).clamp(-1, 1)
+    # Powers of two (their low mantissa bits are all zero) around the CPU quantizer's first bucket, |x| < 2^-24,
+    # normal and subnormal, and either side of its edge.
+    p2 = torch.tensor([2.0**-24, 2.0**-30, 2.0**-40, 2.0**-126, 2.0**-130, 2.0**-149])
+    p2 = torch.cat([p2, torch.nextafter(p2[:1], torch.zeros(1))])
+    pts = torch.cat([pts, p2, -p2])
     if not signed:
         pts = pts.abs()
     per = block - 1
