@@ -81,6 +81,30 @@ def _third_party(ps):
     return out, why
 
 
+def compute_only(bits, repeats):
+    """Seconds per parameter of one AdamW step on one thread with every byte cache-resident (no DRAM traffic): the
+    step's time on 2^16 parameters minus its time on 2^13 (both fit one core's L2; the difference cancels the
+    per-call cost), over the parameters between them. One thread, since a call on 2^13 parameters is one work
+    item that a second thread would not share."""
+    def step_fn(n):
+        gen = torch.Generator().manual_seed(n)
+        p = torch.nn.Parameter(torch.randn(n, generator=gen))
+        p.grad = torch.randn(n, generator=gen)
+        opt = nno.AdamW([p], lr=1e-3, state_bits=bits, min_quant_size=0)
+        opt.step()
+        return opt.step
+
+    small, large = 1 << 13, 1 << 16
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        fns = {"small": step_fn(small), "large": step_fn(large)}
+        times = harness.time_providers(fns, "cpu", repeats=repeats * 20, inner=5, warmup=20)
+    finally:
+        torch.set_num_threads(threads)
+    return (times["large"] - times["small"]) / (large - small)
+
+
 def speed(ps, repeats):
     n = sum(p.numel() for p in ps)
     providers, moved = {}, {}
@@ -107,6 +131,15 @@ def speed(ps, repeats):
         floor = moved[label] / bw
         rows.append({"provider": label, "ms": 1e3 * t, "vs nnopt fp32": base / t, "bytes/param moved":
                      moved[label] / n, "fraction of copy floor": floor / t})
+    # What the step costs with no memory traffic at all: its per-parameter time on cache-resident data on one
+    # thread, times the parameters (8-bit: the quantized ones; the small tensors' fp32 step and per-call costs not
+    # included), divided by the thread count as if the threads scaled perfectly: a lower bound on the step's time.
+    nq = sum(p.numel() for p in ps if p.numel() >= 4096)
+    threads = torch.get_num_threads()
+    for bits in (32, 8):
+        t = compute_only(bits, repeats) * (nq if bits == 8 else n) / threads
+        rows.append({"provider": f"nnopt AdamW {bits}-bit, compute only (cache-resident data, {threads} threads "
+                                 "scaling perfectly)", "ms": 1e3 * t, "vs nnopt fp32": base / t})
     for label, t in times.items():
         if "nnopt AdamW 8" in label:
             for other in third:
