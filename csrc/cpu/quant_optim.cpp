@@ -13,8 +13,9 @@
 //   8 x vpermt2ps blended by a tree of index-bit tests. 4-bit: one vpermps.
 // - 8-bit quantize: a bucket of |x|'s float bits gives the candidate code and the one midpoint inside it, packed
 //   in one 32-bit word (one gather from a 13-26 KB L1 table; the gather is still most of the quantizer's time),
-//   then one integer compare on x's low bits. 4-bit, and maps no bucket size separates: a branch-free binary search over the midpoints with
-//   permuted level tables. Either way code = #{mids < x}, the reference's searchsorted, so codes are identical.
+//   then one integer compare on x's low bits. 4-bit, and maps no bucket size separates: a branch-free binary
+//   search over the midpoints with permuted level tables. Either way code = #{mids < x}, the reference's
+//   searchsorted, so codes are identical.
 // - No per-element fix-ups: NaN codes only in blocks whose absmax flags an inf or NaN; the unsigned "never code
 //   0 for x > 0" rule folded into the tables (first midpoint taken as min(mid, 0)).
 // - The update loop is specialised for the plain step (no grad scale: the division by 1 folds away) and touches
@@ -465,8 +466,8 @@ inline __m512i bucket16(const BucketConsts& bc, __m512 x) {
   const __mmask16 neg = _mm512_movepi32_mask(u);
   k = _mm512_mask_add_epi32(k, neg, k, bc.nb);
   const __m512i w = _mm512_i32gather_epi32(k, bc.word, 4);
-  // key: low bits, complemented for negative x (0xe8: (u ^ sign) & low, sign = u >> 31 arithmetic), | 2^23 once
-  // |x| leaves them.
+  // key: low bits, complemented for negative x (ternary-logic 0x28: (u ^ sign) & low, sign = u >> 31
+  // arithmetic), | 2^23 once |x| leaves them.
   const __m512i key = _mm512_or_si512(
       _mm512_ternarylogic_epi32(u, _mm512_srai_epi32(u, 31), bc.low, 0x28),
       _mm512_slli_epi32(_mm512_min_epu32(raw, _mm512_set1_epi32(1)), 23));
